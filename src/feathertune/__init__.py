@@ -1,0 +1,45 @@
+"""feathertune: parameter-efficient fine-tuning that is small, readable and fast.
+
+    import feathertune as ft
+    model = ft.attach(model, ft.LoraConfig(r=16, alpha=32, target_modules="all-linear"))
+    ft.save_adapter(model, "out/adapter")   # PEFT's file format
+"""
+
+from feathertune.adapters import (
+    attach,
+    delete_adapter,
+    disabled,
+    merge,
+    set_active,
+    trainable_parameters,
+    unmerge,
+)
+from feathertune.checkpoint import load_adapter, save_adapter
+from feathertune.errors import (
+    AdapterMismatchError,
+    ConfigError,
+    FeathertuneError,
+    TargetError,
+    UnsupportedAdapterError,
+)
+from feathertune.methods.lora import LoraConfig
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AdapterMismatchError",
+    "ConfigError",
+    "FeathertuneError",
+    "LoraConfig",
+    "TargetError",
+    "UnsupportedAdapterError",
+    "attach",
+    "delete_adapter",
+    "disabled",
+    "load_adapter",
+    "merge",
+    "save_adapter",
+    "set_active",
+    "trainable_parameters",
+    "unmerge",
+]

@@ -1,0 +1,265 @@
+"""Model-level adapter operations: attach, activate, disable, delete, merge and unmerge.
+
+feathertune changes the user's model in place (wrapping the targeted layers) instead of wrapping the
+whole model in a new class, so the model keeps its type: a `transformers` model still generates,
+saves and trains under `Trainer`. What feathertune needs to remember lives in one small object at
+`model._feathertune`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import re
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+from feathertune.config import MethodConfig
+from feathertune.errors import ConfigError
+from feathertune.registry import spec_for
+from feathertune.saved_modules import ModulesToSave, attach_saved_modules
+from feathertune.wrapping import BASE, WrappedLayer, replace_module, wrapped_layers
+
+STATE = "_feathertune"
+_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_-]*")
+
+
+@dataclasses.dataclass
+class AdapterState:
+    """What feathertune knows about the adapters on one model."""
+
+    configs: dict[str, MethodConfig] = dataclasses.field(default_factory=dict)
+    modules: dict[str, list[str]] = dataclasses.field(default_factory=dict)  # adapted module names
+    active: list[str] = dataclasses.field(default_factory=list)
+    hook: object | None = None  # the forward pre-hook that reads `adapter_names=`
+
+
+def adapter_state(model: nn.Module) -> AdapterState:
+    """The model's adapter bookkeeping; raises a clear error if nothing was attached."""
+    state = model.__dict__.get(STATE)
+    if state is None:
+        raise ConfigError("this model has no feathertune adapters; call ft.attach(model, config) "
+                          "or ft.load_adapter(model, dir) first", source="model")
+    return state
+
+
+def attach(model: nn.Module, config: MethodConfig, name: str = "default") -> nn.Module:
+    """Add adapter `name` to `model` (in place), make it the active one, and freeze the rest.
+
+    Every parameter that is not an adapter's is frozen; the new adapter's parameters train;
+    adapters attached earlier keep their trainable flag.
+
+    Args:
+        config: a method config, e.g. `LoraConfig(r=16, target_modules="all-linear")`.
+        name: the adapter's name, used by set_active, delete_adapter, save_adapter and mixed batches.
+
+    Returns:
+        The same model, so that `model = ft.attach(model, cfg)` reads naturally.
+
+    Raises:
+        ConfigError: invalid config, or an adapter with this name already exists.
+        TargetError: target_modules matched nothing usable (the message lists what exists).
+    """
+    _attach(model, config, name, init=True)
+    set_trainable(model, name, True)
+    return model
+
+
+def _attach(model: nn.Module, config: MethodConfig, name: str, *, init: bool,
+            targets: list[str] | None = None, ranks: dict[str, int] | None = None,
+            saved: list[str] | None = None) -> None:
+    """attach() without the freezing, also used by load_adapter with targets read from the file."""
+    config.validate()
+    state = model.__dict__.get(STATE) or AdapterState()
+    if not isinstance(name, str) or not _NAME.fullmatch(name) or name == BASE:
+        raise ConfigError(f"adapter name {name!r} must start with a letter or '_' and contain only "
+                          f"letters, digits, '_' and '-' (and not be {BASE!r})", source="attach")
+    if name in state.configs:
+        raise ConfigError(f"an adapter named {name!r} is already attached (adapters: "
+                          f"{', '.join(state.configs)}); pick another name or ft.delete_adapter it first",
+                          source="attach")
+    if any(layer.is_merged() for _, layer in wrapped_layers(model)):
+        raise ConfigError("the model has merged adapters; call ft.unmerge(model) before attaching",
+                          source="attach")
+    spec = spec_for(config)
+    modules_to_save = list(getattr(config, "modules_to_save", []) or [])
+    # Wrap modules_to_save first, so that the method's targeting steps around them.
+    saved_names = attach_saved_modules(model, modules_to_save if saved is None else saved, name,
+                                       strict=saved is None)
+    kwargs = {"init": init, "targets": targets, "ranks": ranks} if targets is not None else {"init": init}
+    adapted = spec.attach(model, config, name, **kwargs)
+    state.configs[name] = config
+    state.modules[name] = adapted + saved_names
+    model.__dict__[STATE] = state
+    if state.hook is None:
+        state.hook = model.register_forward_pre_hook(_read_adapter_names, with_kwargs=True)
+    set_active(model, [name])
+
+
+def set_trainable(model: nn.Module, name: str, trainable: bool) -> None:
+    """Freeze every non-adapter parameter; set adapter `name`'s parameters to `trainable`."""
+    mine = {id(p) for _, layer in wrapped_layers(model) for p in layer.adapter_parameters(name)}
+    any_adapter = {id(p) for _, layer in wrapped_layers(model)
+                   for n in layer.adapter_names() for p in layer.adapter_parameters(n)}
+    for param in model.parameters():
+        if id(param) in mine:
+            param.requires_grad_(trainable)
+        elif id(param) not in any_adapter:
+            param.requires_grad_(False)
+
+
+def trainable_parameters(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts, each parameter counted once even if shared."""
+    seen, trainable, total = set(), 0, 0
+    for param in model.parameters():
+        if id(param) in seen:
+            continue
+        seen.add(id(param))
+        count = param.numel()
+        # bitsandbytes packs two 4-bit values per byte; its Params4bit knows the real count.
+        quant_state = getattr(param, "quant_state", None)
+        if quant_state is not None and getattr(quant_state, "shape", None) is not None:
+            count = int(torch.Size(quant_state.shape).numel())
+        total += count
+        trainable += count if param.requires_grad else 0
+    return trainable, total
+
+
+def set_active(model: nn.Module, names: str | list[str]) -> None:
+    """Choose which adapters run; the outputs of several active adapters add up.
+
+    Raises:
+        ConfigError: an unknown name, or the model is merged (unmerge first).
+    """
+    state = adapter_state(model)
+    names = [names] if isinstance(names, str) else list(names)
+    unknown = [n for n in names if n not in state.configs]
+    if unknown:
+        raise ConfigError(f"unknown adapter(s) {unknown}; attached: {', '.join(state.configs) or 'none'}",
+                          source="set_active")
+    if any(layer.is_merged() for _, layer in wrapped_layers(model)):
+        raise ConfigError("cannot change the active adapters while merged; call ft.unmerge(model) first",
+                          source="set_active")
+    state.active = names
+    for _, layer in wrapped_layers(model):
+        layer.active = list(names)
+
+
+def active_adapters(model: nn.Module) -> list[str]:
+    return list(adapter_state(model).active)
+
+
+@contextlib.contextmanager
+def disabled(model: nn.Module) -> Iterator[nn.Module]:
+    """Inside this block the model behaves exactly as the base (merged weights are undone meanwhile)."""
+    layers = [layer for _, layer in wrapped_layers(model)]
+    remerge = [layer for layer in layers if layer.is_merged()]
+    for layer in remerge:
+        layer.unmerge()
+    for layer in layers:
+        layer.disabled = True
+    try:
+        yield model
+    finally:
+        for layer in layers:
+            layer.disabled = False
+        for layer in remerge:
+            layer.merge()
+
+
+def delete_adapter(model: nn.Module, name: str) -> None:
+    """Remove adapter `name`; layers left with no adapter go back to their original module."""
+    state = adapter_state(model)
+    if name not in state.configs:
+        raise ConfigError(f"no adapter named {name!r}; attached: {', '.join(state.configs)}",
+                          source="delete_adapter")
+    if any(layer.is_merged() for _, layer in wrapped_layers(model)):
+        raise ConfigError("cannot delete an adapter while merged; call ft.unmerge(model) first",
+                          source="delete_adapter")
+    for layer_name, layer in list(wrapped_layers(model)):
+        if name in layer.adapter_names():
+            layer.delete_adapter(name)
+            if not layer.adapter_names():
+                replace_module(model, layer_name, layer.base)
+    del state.configs[name]
+    del state.modules[name]
+    state.active = [n for n in state.active if n != name]
+    if not state.configs:
+        _forget(model)
+
+
+def merge(model: nn.Module, unload: bool = True) -> nn.Module:
+    """Fold the active adapters into the base weights.
+
+    Args:
+        unload: True (default) returns a plain model with no wrappers and no feathertune state, ready
+            for `save_pretrained`. False keeps the wrappers so that `ft.unmerge` restores the base.
+
+    Returns:
+        The same model object, changed in place. Merging an already merged model changes nothing.
+
+    Raises:
+        ConfigError: an active adapter's method cannot be merged.
+    """
+    state = adapter_state(model)
+    for name in state.active:
+        if not spec_for(state.configs[name]).mergeable:
+            raise ConfigError(f"adapter {name!r} ({type(state.configs[name]).__name__}) cannot be merged "
+                              f"into the weights; keep it attached for inference", source="merge")
+    for _, layer in wrapped_layers(model):
+        layer.merge()
+    if unload:
+        # Innermost first, so that replacing a wrapper never invalidates a name still to visit.
+        for layer_name, layer in sorted(wrapped_layers(model), key=lambda kv: -kv[0].count(".")):
+            replace_module(model, layer_name, layer.unwrapped())
+        _forget(model)
+    return model
+
+
+def unmerge(model: nn.Module) -> nn.Module:
+    """Undo `merge(model, unload=False)`: the base weights are restored and adapters run separately."""
+    adapter_state(model)
+    for _, layer in wrapped_layers(model):
+        layer.unmerge()
+    return model
+
+
+def _forget(model: nn.Module) -> None:
+    state = model.__dict__.pop(STATE, None)
+    if state is not None and state.hook is not None:
+        state.hook.remove()
+
+
+def _read_adapter_names(model: nn.Module, args: tuple, kwargs: dict):
+    """Forward pre-hook: `model(..., adapter_names=[...])` runs one adapter per row of the batch."""
+    names = kwargs.pop("adapter_names", None)
+    layers = [layer for _, layer in wrapped_layers(model)]
+    if names is not None:
+        _check_batch_names(model, names, args, kwargs, layers)
+    for layer in layers:  # always reset, so a failed earlier forward leaves nothing behind
+        layer.batch_adapter_names = None if names is None else list(names)
+    return args, kwargs
+
+
+def _check_batch_names(model, names, args, kwargs, layers: list[WrappedLayer]) -> None:
+    known = set(adapter_state(model).configs) | {BASE}
+    unknown = sorted({n for n in names if n not in known})
+    if unknown:
+        raise ConfigError(f"adapter_names has unknown adapter(s) {unknown}; attached: "
+                          f"{', '.join(sorted(known - {BASE}))}, or {BASE!r} for the base model",
+                          source="adapter_names")
+    first = next((a for a in list(args) + list(kwargs.values()) if isinstance(a, torch.Tensor)), None)
+    if first is not None and first.dim() > 0 and first.shape[0] != len(names):
+        raise ConfigError(f"adapter_names has {len(names)} entries but the batch has {first.shape[0]} "
+                          f"rows; give one adapter name per row", source="adapter_names")
+    if any(layer.is_merged() for layer in layers):
+        raise ConfigError("mixed-batch inference needs unmerged adapters; call ft.unmerge(model) first",
+                          source="adapter_names")
+
+
+def saved_module_names(model: nn.Module, name: str) -> list[str]:
+    """Full names of the modules_to_save wrappers that hold a copy for adapter `name`."""
+    return [n for n, layer in wrapped_layers(model) if isinstance(layer, ModulesToSave)
+            and name in layer.adapter_names()]

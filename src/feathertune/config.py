@@ -1,0 +1,74 @@
+"""The base of every method's config: flat, typed dataclasses that validate all at once.
+
+The same dataclasses drive the Python API, YAML, CLI flags and the service's job schema, so
+checking lives here once: `validate()` collects every problem and raises one `ConfigError`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from typing import Any, ClassVar
+
+from feathertune.errors import ConfigError
+
+
+@dataclasses.dataclass
+class MethodConfig:
+    """Common behaviour of the per-method config dataclasses."""
+
+    method: ClassVar[str] = ""  # registry name, e.g. "lora"
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def problems(self) -> list[str]:
+        """Every problem with this config, as sentences that say how to fix it. Empty if valid."""
+        return []
+
+    def validate(self) -> None:
+        """Raise one ConfigError listing every problem, or return if there are none."""
+        found = self.problems()
+        if found:
+            raise ConfigError(found, source=type(self).__name__)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any], source: str | None = None):
+        """Build a config from plain values, reporting unknown keys together with invalid values."""
+        fields = {f.name for f in dataclasses.fields(cls)}
+        problems = []
+        for key in values:
+            if key not in fields:
+                hint = difflib.get_close_matches(key, sorted(fields), n=1)
+                did_you_mean = f" (did you mean {hint[0]!r}?)" if hint else ""
+                problems.append(f"unknown key {key!r}{did_you_mean}; "
+                                f"known keys are {', '.join(sorted(fields))}")
+        known = {k: v for k, v in values.items() if k in fields}
+        try:
+            config = cls.__new__(cls)
+            for f in dataclasses.fields(cls):
+                if f.name in known:
+                    value = known[f.name]
+                elif f.default is not dataclasses.MISSING:
+                    value = f.default
+                else:
+                    value = f.default_factory()  # type: ignore[misc]
+                object.__setattr__(config, f.name, value)
+            problems += config.problems()
+        except Exception as exc:  # a value so wrong that checking it failed
+            problems.append(f"could not check values: {exc}")
+        if problems:
+            raise ConfigError(problems, source=source or cls.__name__)
+        return config
+
+
+def type_problem(name: str, value: Any, kinds: tuple[type, ...], wanted: str) -> list[str]:
+    """A one-item list if `value` is not an instance of `kinds` (bools are not numbers here)."""
+    if isinstance(value, bool) and bool not in kinds:
+        return [f"{name}={value!r} must be {wanted}"]
+    if not isinstance(value, kinds):
+        return [f"{name}={value!r} must be {wanted}"]
+    return []

@@ -1,0 +1,32 @@
+"""feathertune's exceptions: each says what was given, what is allowed, and how to fix it."""
+
+from __future__ import annotations
+
+
+class FeathertuneError(Exception):
+    """Base class of every error feathertune raises on purpose."""
+
+
+class ConfigError(FeathertuneError, ValueError):
+    """A configuration is invalid. `problems` lists every problem found, not just the first."""
+
+    def __init__(self, problems: list[str] | str, source: str = "config"):
+        self.problems = [problems] if isinstance(problems, str) else list(problems)
+        lines = "\n".join(f"  - {p}" for p in self.problems)
+        noun = "problem" if len(self.problems) == 1 else "problems"
+        super().__init__(f"{source} has {len(self.problems)} {noun}:\n{lines}")
+
+
+class TargetError(ConfigError):
+    """`target_modules` (or `modules_to_save`) matched nothing usable in the model."""
+
+    def __init__(self, message: str):
+        super().__init__([message], source="target_modules")
+
+
+class AdapterMismatchError(FeathertuneError):
+    """An adapter file does not fit the model it is loaded onto (names or shapes differ)."""
+
+
+class UnsupportedAdapterError(FeathertuneError):
+    """An adapter file uses something feathertune does not implement; loading it would be wrong."""

@@ -1,0 +1,106 @@
+"""The adapter math as pure functions.
+
+Every method's forward, merge and export call these, so no formula is written twice. Shapes follow
+PEFT's storage layout, because that is the layout the files use:
+
+    A: (r, in)    B: (out, r)        linear / Conv1D (weights seen as (out, in))
+    A: (r, in, kh, kw)  B: (out, r, 1, 1)   Conv2d
+    A: (r, num_embeddings)  B: (dim, r)     Embedding
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+
+def lora_scale(alpha: float, r: int, use_rslora: bool) -> float:
+    """LoRA's scale s in `W + s·B·A`: α/r (Hu et al. 2022) or α/√r (rsLoRA, Kalajdzievski 2023).
+
+    rsLoRA's √r keeps the update's magnitude stable as r grows, so larger ranks actually help.
+    """
+    return alpha / math.sqrt(r) if use_rslora else alpha / r
+
+
+def lora_delta_weight(A: torch.Tensor, B: torch.Tensor, scale: float) -> torch.Tensor:
+    """The update s·B·A as a weight of the base's (out, in, ...) shape.
+
+    For Conv2d the product runs over the flattened kernel: B (out, r) @ A (r, in·kh·kw).
+    """
+    B2 = B.flatten(1)  # (out, r)
+    A2 = A.flatten(1)  # (r, in·kh·kw)
+    return (scale * (B2 @ A2)).reshape(B.shape[0], *A.shape[1:])
+
+
+def lora_linear(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: float) -> torch.Tensor:
+    """s·B·A·x for a batch of row vectors x (..., in) -> (..., out), without forming B·A."""
+    return scale * F.linear(F.linear(x, A), B)
+
+
+def lora_conv2d(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: float,
+                stride, padding, dilation) -> torch.Tensor:
+    """s·conv(conv(x, A), B): A is a conv with the base's kernel into r channels, B a 1×1 conv out."""
+    # (N, in, H, W) -> (N, r, H', W') -> (N, out, H', W')
+    return scale * F.conv2d(F.conv2d(x, A, stride=stride, padding=padding, dilation=dilation), B)
+
+
+def lora_embedding(ids: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: float,
+                   padding_idx: int | None = None) -> torch.Tensor:
+    """s·(B·A)ᵀ[ids]: row `ids` of the low-rank embedding update. (...,) -> (..., dim)."""
+    # A is (r, num_embeddings): its transpose is a lookup table of r-dim codes.
+    return scale * F.embedding(ids, A.T, padding_idx=padding_idx) @ B.T
+
+
+def squared_row_norm(W: torch.Tensor) -> torch.Tensor:
+    """‖W‖² of each output row, for a weight of shape (out, ...). -> (out,)"""
+    return W.flatten(1).pow(2).sum(dim=1)
+
+
+def dora_row_norm(W: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: float,
+                  w_sq_norm: torch.Tensor | None = None) -> torch.Tensor:
+    """‖W + s·B·A‖ per output row, without forming the (out × in) matrix W + s·B·A.
+
+    Expands the square: ‖W‖² + 2s·rowsum(B ⊙ (W·Aᵀ)) + s²·rowsum((B·A·Aᵀ) ⊙ B). The costs are
+    out·in·r for W·Aᵀ and r²·(in + out) for the rest, and ‖W‖² is cached by the caller since the base
+    is frozen. PEFT materialises W + s·B·A every step instead. -> (out,)
+
+    Args:
+        W: base weight (out, in) or (out, in, kh, kw).
+        A, B: the LoRA factors in storage layout.
+        w_sq_norm: ‖W‖² per row if already known.
+    """
+    W2, A2, B2 = W.flatten(1), A.flatten(1), B.flatten(1)  # (out, k), (r, k), (out, r)
+    if w_sq_norm is None:
+        w_sq_norm = squared_row_norm(W2)
+    cross = (B2 * (W2 @ A2.T)).sum(dim=1)  # (out,)
+    quad = ((B2 @ (A2 @ A2.T)) * B2).sum(dim=1)  # (out,)
+    # Rounding can push a (near-)zero row slightly negative; clamp before the root.
+    return (w_sq_norm + 2 * scale * cross + scale * scale * quad).clamp_min(0).sqrt()
+
+
+def dora_weight(W: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: float,
+                magnitude: torch.Tensor) -> torch.Tensor:
+    """DoRA's merged weight m · (W + s·B·A) / ‖W + s·B·A‖_row (Liu et al. 2024, eq. 5).
+
+    `magnitude` has one entry per output row, in any shape with that many elements.
+    """
+    V = W + lora_delta_weight(A, B, scale)
+    norm = squared_row_norm(V).sqrt()
+    col = (magnitude.reshape(-1) / norm).reshape(-1, *([1] * (W.dim() - 1)))
+    return col * V
+
+
+def dora_output(base_out_no_bias: torch.Tensor, lora_out: torch.Tensor, magnitude: torch.Tensor,
+                norm: torch.Tensor, channel_dim: int) -> torch.Tensor:
+    """The DoRA update to add to the base output: (m/‖V‖ − 1)·W·x + (m/‖V‖)·s·B·A·x.
+
+    Adding it to `base(x)` gives m·(W + s·B·A)·x/‖V‖ + bias. `lora_out` is already scaled by s.
+    The norm is detached by the caller (the paper's §4.3: treat it as a constant for the gradient,
+    which saves memory at no cost in accuracy).
+    """
+    shape = [1] * base_out_no_bias.dim()
+    shape[channel_dim] = -1
+    ratio = (magnitude.reshape(-1) / norm).reshape(shape)
+    return (ratio - 1) * base_out_no_bias + ratio * lora_out

@@ -1,0 +1,175 @@
+"""LoRA in Hugging Face PEFT's file format: adapter_config.json keys and tensor names.
+
+The layout is PEFT's byte for byte, so that vLLM and PEFT load what we save and we load what they
+save. Anything in a PEFT config that would change the maths and that feathertune does not
+implement is refused by name: loading it anyway would give silently wrong outputs.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from typing import Any
+
+import torch
+from torch import nn
+
+from feathertune.errors import UnsupportedAdapterError
+from feathertune.methods.lora import LoraConfig, LoraEmbedding, LoraLayer
+from feathertune.targeting import name_matches
+
+PEFT_TYPE = "LORA"
+
+# Tensor name after "<module path>." for each LoraAdapter field.
+TENSOR_SUFFIXES = {"A": "lora_A.weight", "B": "lora_B.weight", "magnitude": "lora_magnitude_vector",
+                   "bias": "base_layer.bias"}
+EMBEDDING_SUFFIXES = {**TENSOR_SUFFIXES, "A": "lora_embedding_A", "B": "lora_embedding_B"}
+
+# PEFT LoraConfig keys feathertune reads, or that only describe the file (no effect on the maths).
+USED_KEYS = {"peft_type", "r", "lora_alpha", "lora_dropout", "target_modules", "rank_pattern",
+             "alpha_pattern", "modules_to_save", "init_lora_weights", "use_rslora", "use_dora", "bias",
+             "layers_to_transform", "layers_pattern", "fan_in_fan_out"}
+DESCRIPTIVE_KEYS = {"task_type", "base_model_name_or_path", "revision", "inference_mode", "auto_mapping",
+                    "peft_version", "megatron_core", "qalora_group_size", "exclude_modules", "eva_config",
+                    "corda_config"}
+# Keys that change the maths unless they hold this value; feathertune does not implement them.
+MUST_BE_DEFAULT = {"layer_replication": None, "lora_bias": False, "use_qalora": False,
+                   "alora_invocation_tokens": None, "arrow_config": None, "trainable_token_indices": None,
+                   "target_parameters": None, "megatron_config": None, "loftq_config": {},
+                   "use_bdlora": None, "kasa_config": None, "velora_config": None,
+                   "monteclora_config": None, "lora_ga_config": None, "ensure_weight_tying": False}
+# init_lora_weights values that leave the base weights as they were (others rewrite the base).
+BASE_PRESERVING_INITS = {True, False, "gaussian", "eva", "orthogonal"}
+
+
+def _is_empty(value: Any) -> bool:
+    return value is None or value is False or value == {} or value == [] or value == ""
+
+
+def check_peft_config(values: dict[str, Any], where: str) -> None:
+    """Refuse a PEFT LoRA config that uses anything feathertune does not implement, naming each."""
+    problems = []
+    for key, value in values.items():
+        if key in USED_KEYS or key in DESCRIPTIVE_KEYS:
+            continue
+        if key in MUST_BE_DEFAULT:
+            default = MUST_BE_DEFAULT[key]
+            if value != default and not (_is_empty(value) and _is_empty(default)):
+                problems.append(f"{key}={value!r} (feathertune supports only {default!r})")
+        elif not _is_empty(value):
+            problems.append(f"{key}={value!r} is a key feathertune does not know; it may change the maths")
+    init = values.get("init_lora_weights", True)
+    if init not in BASE_PRESERVING_INITS:
+        problems.append(f"init_lora_weights={init!r}: this init rewrites the base weights, so the adapter "
+                        f"only works on that rewritten base; re-save it from PEFT with "
+                        f"path_initial_model_for_weight_conversion to get a plain LoRA adapter")
+    if values.get("bias", "none") not in ("none", "lora_only"):
+        problems.append(f"bias={values.get('bias')!r} (feathertune supports 'none' and 'lora_only')")
+    if problems:
+        raise UnsupportedAdapterError(f"{where}: this LoRA adapter uses what feathertune does not support "
+                                      f"yet, so it is not loaded:\n" + "\n".join(f"  - {p}" for p in problems))
+
+
+def config_from_peft(values: dict[str, Any]) -> LoraConfig:
+    """The LoraConfig that a (checked) PEFT LoRA config describes."""
+    layers = values.get("layers_to_transform")
+    init = values.get("init_lora_weights", True)
+    return LoraConfig.from_dict({
+        "r": values.get("r", 8),
+        "alpha": values.get("lora_alpha", 8),
+        "dropout": values.get("lora_dropout", 0.0),
+        "target_modules": values.get("target_modules") or "all-linear",
+        "layers": [layers] if isinstance(layers, int) else layers,
+        "rank_pattern": values.get("rank_pattern") or {},
+        "alpha_pattern": values.get("alpha_pattern") or {},
+        "modules_to_save": list(dict.fromkeys(values.get("modules_to_save") or [])),
+        "init": "gaussian" if init == "gaussian" else "default",
+        "use_rslora": bool(values.get("use_rslora", False)),
+        "use_dora": bool(values.get("use_dora", False)),
+        "bias": values.get("bias", "none"),
+    }, source="adapter_config.json")
+
+
+def suffixes(layer: LoraLayer) -> dict[str, str]:
+    return EMBEDDING_SUFFIXES if isinstance(layer, LoraEmbedding) else TENSOR_SUFFIXES
+
+
+def adapter_tensors(layer: LoraLayer, name: str) -> dict[str, torch.Tensor]:
+    """This layer's tensors of adapter `name`, keyed by PEFT's suffix."""
+    adapter = layer.lora[name]
+    A, B = adapter.factors()  # PiSSA's frozen start is folded in as extra rank
+    found = {"A": A, "B": B, "magnitude": adapter.magnitude, "bias": adapter.bias}
+    return {suffixes(layer)[k]: v for k, v in found.items() if v is not None}
+
+
+def file_rank_and_alpha(layer: LoraLayer, name: str, config: LoraConfig, module_name: str) -> tuple[int, float]:
+    """(r, alpha) to write for this module, such that PEFT computes the same scale from them."""
+    adapter = layer.lora[name]
+    r, alpha = config.rank_and_alpha(module_name)
+    file_r = adapter.factors()[0].shape[0]
+    if file_r == r:
+        return r, alpha
+    # PiSSA doubles the rank on export; keep s = alpha/r (or alpha/√r) unchanged.
+    return file_r, alpha * (file_r / r if not config.use_rslora else math.sqrt(file_r / r))
+
+
+def config_to_peft(model: nn.Module, config: LoraConfig, name: str, adapted: list[str],
+                   saved: list[str]) -> dict[str, Any]:
+    """PEFT's adapter_config.json for adapter `name`, with the targets resolved to this model."""
+    layers = {m: model.get_submodule(m) for m in adapted if isinstance(model.get_submodule(m), LoraLayer)}
+    pairs = {m: file_rank_and_alpha(layer, name, config, m) for m, layer in layers.items()}
+    r = Counter(p[0] for p in pairs.values()).most_common(1)[0][0] if pairs else config.r
+    alpha = Counter(p[1] for p in pairs.values()).most_common(1)[0][0] if pairs else config.alpha
+    # Explicit per-module entries, so the file does not depend on how patterns are interpreted.
+    rank_pattern = {_exact(m): p[0] for m, p in pairs.items() if p[0] != r}
+    alpha_pattern = {_exact(m): p[1] for m, p in pairs.items() if p[1] != alpha}
+    base_name = getattr(getattr(model, "config", None), "name_or_path", None) or None
+    causal = type(model).__name__.endswith("ForCausalLM")
+    return {
+        "peft_type": PEFT_TYPE,
+        "task_type": "CAUSAL_LM" if causal else None,
+        "base_model_name_or_path": base_name,
+        "revision": None,
+        "inference_mode": True,
+        "r": r,
+        "lora_alpha": alpha,
+        "lora_dropout": config.dropout,
+        "target_modules": resolved_targets(model, list(layers), saved),
+        "layers_to_transform": None,
+        "layers_pattern": None,
+        "rank_pattern": rank_pattern,
+        "alpha_pattern": alpha_pattern,
+        "modules_to_save": [m for m in config.modules_to_save] or None,
+        "init_lora_weights": "gaussian" if config.init == "gaussian" else True,
+        "use_rslora": config.use_rslora,
+        "use_dora": config.use_dora,
+        "bias": config.bias,
+        "fan_in_fan_out": any(getattr(layer, "fan_in_fan_out", False) for layer in layers.values()),
+        "lora_bias": False,
+        "layer_replication": None,
+        "megatron_config": None,
+        "megatron_core": "megatron.core",
+        "loftq_config": {},
+    }
+
+
+def resolved_targets(model: nn.Module, adapted: list[str], saved: list[str]) -> list[str]:
+    """The shortest target list that PEFT's matching rule maps to exactly `adapted` on this model.
+
+    Leaf names ("q_proj") when they pick out exactly these modules, else the full names.
+    """
+    leaves = sorted({m.rsplit(".", 1)[-1] for m in adapted})
+    names = [n for n, _ in model.named_modules() if n and not _wrapped_part(n, adapted + saved)]
+    if {n for n in names if name_matches(n, leaves) and not name_matches(n, saved)} == set(adapted):
+        return leaves
+    return list(adapted)
+
+
+def _wrapped_part(name: str, wrappers: list[str]) -> bool:
+    """True for the modules inside a wrapper (e.g. 'q_proj.base'), which PEFT never sees."""
+    return any(name.startswith(w + ".") for w in wrappers)
+
+
+def _exact(module_name: str) -> str:
+    """A rank/alpha pattern key that matches this one module under PEFT's rule '(.*\\.)?(key)$'."""
+    return "^" + module_name.replace(".", r"\.")

@@ -1,0 +1,72 @@
+"""Tiny models for tests: built from configs, random weights, a second to build each."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+VOCAB = 96
+
+
+def tiny_llama(seed: int = 0, dtype=torch.float32):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    return LlamaForCausalLM(config).to(dtype).eval()
+
+
+def tiny_gpt2(seed: int = 0, dtype=torch.float32):
+    """GPT-2 keeps its linear layers as HF Conv1D, with transposed (in, out) weights."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    config = GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64,
+                        bos_token_id=0, eos_token_id=0)
+    return GPT2LMHeadModel(config).to(dtype).eval()
+
+
+def tiny_bert(seed: int = 0, dtype=torch.float32, num_labels: int = 3):
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(seed)
+    config = BertConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                        num_attention_heads=4, max_position_embeddings=64, num_labels=num_labels)
+    return BertForSequenceClassification(config).to(dtype).eval()
+
+
+class SmallCNN(nn.Module):
+    """A two-conv image classifier, the shape of the CNNs and UNet blocks LoRA is put on."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, kernel_size=3, padding=1)
+        self.conv2 = nn.Conv2d(8, 16, kernel_size=3, stride=2, padding=1)
+        self.head = nn.Linear(16, 5)
+
+    def forward(self, x):  # (N, 3, H, W) -> (N, 5)
+        x = torch.relu(self.conv1(x))
+        x = torch.relu(self.conv2(x))
+        return self.head(x.mean(dim=(2, 3)))
+
+
+def small_cnn(seed: int = 0, dtype=torch.float32):
+    torch.manual_seed(seed)
+    return SmallCNN().to(dtype).eval()
+
+
+def inputs_for(kind: str, batch: int = 3, seed: int = 1):
+    """A batch of inputs for each tiny model kind, as keyword arguments."""
+    g = torch.Generator().manual_seed(seed)
+    if kind == "cnn":
+        return {"x": torch.randn(batch, 3, 8, 8, generator=g)}
+    return {"input_ids": torch.randint(0, VOCAB, (batch, 10), generator=g)}
+
+
+def output_of(model, inputs):
+    out = model(**inputs)
+    return out if isinstance(out, torch.Tensor) else out.logits
+
+
+BUILDERS = {"llama": tiny_llama, "gpt2": tiny_gpt2, "bert": tiny_bert, "cnn": small_cnn}
