@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import re
+import warnings
 from collections.abc import Iterator
 
 import torch
@@ -208,6 +209,7 @@ def merge(model: nn.Module, unload: bool = True) -> nn.Module:
         if not spec_for(state.configs[name]).mergeable:
             raise ConfigError(f"adapter {name!r} ({type(state.configs[name]).__name__}) cannot be merged "
                               f"into the weights; keep it attached for inference", source="merge")
+    _untie_merged_weights(model)
     for _, layer in wrapped_layers(model):
         layer.merge()
     if unload:
@@ -216,6 +218,27 @@ def merge(model: nn.Module, unload: bool = True) -> nn.Module:
             replace_module(model, layer_name, layer.unwrapped())
         _forget(model)
     return model
+
+
+def _untie_merged_weights(model: nn.Module) -> None:
+    """Give a merging layer its own copy of a weight it shares (e.g. lm_head tied to the embeddings).
+
+    Otherwise folding the update into the output head would change the input embeddings too.
+    The model's config is told, so that `save_pretrained` and reloading keep the two apart.
+    """
+    uses: dict[int, int] = {}
+    for _, param in model.named_parameters(remove_duplicate=False):
+        uses[id(param)] = uses.get(id(param), 0) + 1
+    for name, layer in wrapped_layers(model):
+        weight = getattr(layer.base, "weight", None)
+        if not layer.is_merged() and isinstance(weight, nn.Parameter) and uses.get(id(weight), 0) > 1 \
+                and any(n in layer.active for n in layer.adapter_names()):
+            warnings.warn(f"{name}.weight is shared with another module (tied embeddings); merging gives "
+                          f"{name} its own copy so the other module keeps the original weights", stacklevel=3)
+            layer.base.weight = nn.Parameter(weight.detach().clone(), requires_grad=weight.requires_grad)
+            config = getattr(model, "config", None)
+            if config is not None and getattr(config, "tie_word_embeddings", False):
+                config.tie_word_embeddings = False
 
 
 def unmerge(model: nn.Module) -> nn.Module:

@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Create .venv with everything feathertune and its tests need. Idempotent and offline-friendly:
+# PyTorch's CPU build goes in first, because a bare `torch` requirement would pull a multi-GB CUDA
+# build. Set FEATHERTUNE_TORCH to choose another torch (e.g. a CUDA build on a GPU machine).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PYTHON="${PYTHON:-python3}"
+TORCH_SPEC="${FEATHERTUNE_TORCH:-torch==2.13.0}"
+
+"$PYTHON" - <<'PY'
+import sys
+if sys.version_info < (3, 10):
+    sys.exit(f"feathertune needs Python >= 3.10, this is {sys.version.split()[0]}")
+PY
+
+if [ ! -x .venv/bin/python ]; then
+    echo "[setup] creating .venv"
+    "$PYTHON" -m venv .venv
+fi
+PIP=(.venv/bin/python -m pip --disable-pip-version-check -q)
+
+if ! .venv/bin/python -c "import torch" 2>/dev/null; then
+    echo "[setup] installing $TORCH_SPEC (CPU build)"
+    "${PIP[@]}" install "$TORCH_SPEC"
+fi
+if ! .venv/bin/python -c "import feathertune, transformers, peft, pytest" 2>/dev/null \
+        || [ pyproject.toml -nt .venv/.feathertune-installed ]; then
+    echo "[setup] installing feathertune and its test dependencies"
+    "${PIP[@]}" install -e ".[hf,test]"
+    touch .venv/.feathertune-installed
+fi
+echo "[setup] ready: $(.venv/bin/python -c 'import torch, transformers; print(f"torch {torch.__version__}, transformers {transformers.__version__}")')"
