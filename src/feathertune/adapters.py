@@ -90,7 +90,15 @@ def _attach(model: nn.Module, config: MethodConfig, name: str, *, init: bool,
     saved_names = attach_saved_modules(model, modules_to_save if saved is None else saved, name,
                                        strict=saved is None)
     kwargs = {"init": init, "targets": targets, "ranks": ranks} if targets is not None else {"init": init}
-    adapted = spec.attach(model, config, name, **kwargs)
+    try:
+        adapted = spec.attach(model, config, name, **kwargs)
+    except Exception:
+        for n in saved_names:
+            layer = model.get_submodule(n)
+            layer.delete_adapter(name)
+            if not layer.adapter_names():
+                replace_module(model, n, layer.base)
+        raise
     state.configs[name] = config
     state.modules[name] = adapted + saved_names
     model.__dict__[STATE] = state

@@ -22,7 +22,15 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from feathertune.adapters import _attach, adapter_state, delete_adapter, saved_module_names, set_trainable
+from feathertune.adapters import (
+    STATE,
+    _attach,
+    adapter_state,
+    delete_adapter,
+    saved_module_names,
+    set_active,
+    set_trainable,
+)
 from feathertune.errors import AdapterMismatchError, ConfigError, UnsupportedAdapterError
 from feathertune.methods import lora_peft
 from feathertune.methods.lora import LoraConfig, LoraLayer
@@ -98,11 +106,15 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, name: str = "de
     lora_peft.check_peft_config(values, config_path)
     config = lora_peft.config_from_peft(values)
     plan = _plan_lora(model, tensors, config, str(directory / WEIGHTS_FILE))
+    previous = model.__dict__.get(STATE)
+    previous_active = list(previous.active) if previous is not None else None
     _attach(model, config, name, init=False, targets=plan.targets, ranks=plan.ranks, saved=plan.saved)
     try:
         _copy_tensors(model, name, tensors, plan, str(directory / WEIGHTS_FILE))
     except AdapterMismatchError:
         delete_adapter(model, name)  # leave the model as it was
+        if previous_active is not None:
+            set_active(model, previous_active)
         raise
     set_trainable(model, name, trainable)
     return model
@@ -236,9 +248,9 @@ def _read_config(directory: Path) -> dict[str, Any]:
     try:
         values = json.loads(path.read_text())
     except json.JSONDecodeError as exc:
-        raise UnsupportedAdapterError(f"{path}:{exc.lineno}: not valid JSON ({exc.msg})") from None
+        raise ConfigError(f"{path}:{exc.lineno}: not valid JSON ({exc.msg})", source=str(path)) from None
     if not isinstance(values, dict):
-        raise UnsupportedAdapterError(f"{path}: expected a JSON object, got {type(values).__name__}")
+        raise ConfigError(f"{path}: expected a JSON object, got {type(values).__name__}", source=str(path))
     return values
 
 

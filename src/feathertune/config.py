@@ -42,8 +42,8 @@ class MethodConfig:
         problems = []
         for key in values:
             if key not in fields:
-                hint = difflib.get_close_matches(key, sorted(fields), n=1)
-                did_you_mean = f" (did you mean {hint[0]!r}?)" if hint else ""
+                hint = difflib.get_close_matches(key, sorted(fields), n=2, cutoff=0.3)
+                did_you_mean = f" (did you mean {' or '.join(map(repr, hint))}?)" if hint else ""
                 problems.append(f"unknown key {key!r}{did_you_mean}; "
                                 f"known keys are {', '.join(sorted(fields))}")
         known = {k: v for k, v in values.items() if k in fields}

@@ -20,8 +20,8 @@ class ConfigError(FeathertuneError, ValueError):
 class TargetError(ConfigError):
     """`target_modules` (or `modules_to_save`) matched nothing usable in the model."""
 
-    def __init__(self, message: str):
-        super().__init__([message], source="target_modules")
+    def __init__(self, message: str, source: str = "target_modules"):
+        super().__init__([message], source=source)
 
 
 class AdapterMismatchError(FeathertuneError):

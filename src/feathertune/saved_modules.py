@@ -7,6 +7,7 @@ or switching adapters is exact. In files the copy is saved under the module's ow
 from __future__ import annotations
 
 import copy
+import difflib
 
 import torch
 from torch import nn
@@ -80,9 +81,12 @@ def attach_saved_modules(model: nn.Module, names: list[str], adapter: str, stric
     hits = [n for n in hits if not any(n.startswith(h + ".") for h in hits)]
     missing = [m for m in names if not any(name_matches(h, [m]) for h in hits)]
     if missing and strict:
-        children = sorted({n.rsplit(".", 1)[-1] for n, _ in model.named_children()})
-        raise TargetError(f"modules_to_save={missing!r} matched no module; top-level modules are "
-                          f"{', '.join(children)}")
+        children = sorted({n for n, _ in model.named_children()})
+        leaves = sorted({n.rsplit(".", 1)[-1] for n, _ in model.named_modules() if n and n not in skip})
+        guesses = sorted({g for m in missing for g in difflib.get_close_matches(m, leaves, n=1)})
+        hint = f" (did you mean {', '.join(guesses)}?)" if guesses else ""
+        raise TargetError(f"modules_to_save={missing!r} matched no module{hint}; top-level modules are "
+                          f"{', '.join(children)}", source="modules_to_save")
     for name in hits:
         module = model.get_submodule(name)
         if not isinstance(module, ModulesToSave):

@@ -132,7 +132,9 @@ def _inside(name: str, prefixes: Sequence[str]) -> bool:
 
 
 def _nothing_matched(model, target_modules, layers, supported) -> str:
-    leaves = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if n and supported(m)})
+    skip = inside_wrapper(model)
+    leaves = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules()
+                     if n and n not in skip and supported(m)})
     wanted = [target_modules] if isinstance(target_modules, str) else list(target_modules)
     guesses = sorted({g for w in wanted for g in difflib.get_close_matches(w, leaves, n=1)})
     message = f"target_modules={target_modules!r} matched no module"

@@ -81,10 +81,17 @@ class LoraConfig(MethodConfig):
         if self.layers is not None and (not isinstance(self.layers, (list, tuple)) or not all(
                 isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in self.layers)):
             found.append(f"layers={self.layers!r} must be a list of block indices (integers ≥ 0) or None")
-        for key, value in dict(self.rank_pattern or {}).items():
+        patterns = {}
+        for field in ("rank_pattern", "alpha_pattern"):
+            value = getattr(self, field)
+            if isinstance(value, dict):
+                patterns[field] = value
+            else:
+                found.append(f"{field}={value!r} must be a mapping of name regex -> value, e.g. {{'v_proj': 4}}")
+        for key, value in patterns.get("rank_pattern", {}).items():
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 found.append(f"rank_pattern[{key!r}]={value!r} must be a positive integer")
-        for key, value in dict(self.alpha_pattern or {}).items():
+        for key, value in patterns.get("alpha_pattern", {}).items():
             if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
                 found.append(f"alpha_pattern[{key!r}]={value!r} must be a positive number")
         if not isinstance(self.modules_to_save, (list, tuple)) or not all(
@@ -160,6 +167,12 @@ class LoraLayer(WrappedLayer):
     def set_base_weight_(self, new: torch.Tensor) -> None:
         self.weight_param().data.copy_(new.to(self.weight_param().dtype))
 
+    def write_base_weight_(self, new: torch.Tensor) -> None:
+        """Write the base weight (merge/unmerge) and forget the cached ‖W‖², which `.data` writes
+        would not invalidate through the tensor's version counter."""
+        self.set_base_weight_(new)
+        self._sq_norm_cache = None
+
     def adapter_shapes(self, r: int) -> tuple[tuple, tuple]:
         raise NotImplementedError
 
@@ -180,6 +193,7 @@ class LoraLayer(WrappedLayer):
                               dtype=W.dtype if W.is_floating_point() else torch.float32, device=W.device)
         if init:
             self.initialise(adapter, config.init)
+        adapter.train(self.base.training)  # new modules start in train mode; follow the model's
         self.lora[name] = adapter
 
     def initialise(self, adapter: LoraAdapter, init: str) -> None:
@@ -280,7 +294,7 @@ class LoraLayer(WrappedLayer):
         row_scales = {n: self.lora[n].magnitude.reshape(-1).to(work) / self.dora_norm(self.lora[n]).to(work)
                       for n in names if self.lora[n].magnitude is not None}
         total, added = self.merged_terms(names, row_scales, W32)
-        self.set_base_weight_(W32 * total + added)
+        self.write_base_weight_(W32 * total + added)
         bias = getattr(self.base, "bias", None)
         original_bias = None
         if bias is not None and any(self.lora[n].bias is not None for n in names):
@@ -296,7 +310,7 @@ class LoraLayer(WrappedLayer):
         W = self.base_weight()
         work = torch.promote_types(W.dtype, torch.float32)
         total, added = self.merged_terms(names, row_scales, W.to(work))
-        self.set_base_weight_((W.to(work) - added) / total)
+        self.write_base_weight_((W.to(work) - added) / total)
         if self._merged["bias"] is not None:
             self.base.bias.data.copy_(self._merged["bias"])
         self._merged = None
@@ -346,7 +360,8 @@ class LoraLinear(LoraLayer):
         return fn.lora_linear(adapter.dropout(x.to(A.dtype)), A, B, adapter.scale)
 
     def pissa_init(self, adapter: LoraAdapter) -> None:
-        W = self.base_weight().detach().float()
+        W = self.base_weight().detach()
+        W = W.to(torch.promote_types(W.dtype, torch.float32))  # SVD in at least fp32, fp64 stays fp64
         U, S, Vh = torch.linalg.svd(W, full_matrices=False)
         r = adapter.rank
         root = (S[:r] / adapter.scale).sqrt()  # split √(S/s) to each side: s·B·A = U_r·S_r·V_rᵀ

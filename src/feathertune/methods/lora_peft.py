@@ -84,8 +84,8 @@ def config_from_peft(values: dict[str, Any]) -> LoraConfig:
         "alpha_pattern": values.get("alpha_pattern") or {},
         "modules_to_save": list(dict.fromkeys(values.get("modules_to_save") or [])),
         "init": "gaussian" if init == "gaussian" else "default",
-        "use_rslora": bool(values.get("use_rslora", False)),
-        "use_dora": bool(values.get("use_dora", False)),
+        "use_rslora": values.get("use_rslora", False),  # not bool(): "false" must be an error
+        "use_dora": values.get("use_dora", False),
         "bias": values.get("bias", "none"),
     }, source="adapter_config.json")
 
