@@ -35,22 +35,26 @@ def lora_delta_weight(A: torch.Tensor, B: torch.Tensor, scale: float) -> torch.T
 
 
 def lora_linear(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: float) -> torch.Tensor:
-    """s·B·A·x for a batch of row vectors x (..., in) -> (..., out), without forming B·A."""
-    return scale * F.linear(F.linear(x, A), B)
+    """s·B·A·x for a batch of row vectors x (..., in) -> (..., out), without forming B·A.
+
+    The scale multiplies the r-wide middle, not the out-wide result: same maths, a fraction of the
+    elementwise work in the forward and the backward.
+    """
+    return F.linear(F.linear(x, A) * scale, B)
 
 
 def lora_conv2d(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: float,
                 stride, padding, dilation) -> torch.Tensor:
     """s·conv(conv(x, A), B): A is a conv with the base's kernel into r channels, B a 1×1 conv out."""
     # (N, in, H, W) -> (N, r, H', W') -> (N, out, H', W')
-    return scale * F.conv2d(F.conv2d(x, A, stride=stride, padding=padding, dilation=dilation), B)
+    return F.conv2d(F.conv2d(x, A, stride=stride, padding=padding, dilation=dilation) * scale, B)
 
 
 def lora_embedding(ids: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: float,
                    padding_idx: int | None = None) -> torch.Tensor:
     """s·(B·A)ᵀ[ids]: row `ids` of the low-rank embedding update. (...,) -> (..., dim)."""
     # A is (r, num_embeddings): its transpose is a lookup table of r-dim codes.
-    return scale * F.embedding(ids, A.T, padding_idx=padding_idx) @ B.T
+    return (F.embedding(ids, A.T, padding_idx=padding_idx) * scale) @ B.T
 
 
 def squared_row_norm(W: torch.Tensor) -> torch.Tensor:
