@@ -155,10 +155,7 @@ def _plan_lora(model: nn.Module, tensors: dict[str, torch.Tensor], config: LoraC
             else:
                 unplaced.append(f"{PREFIX}{path}.* (no lora_A tensor for this module)")
     if unplaced:
-        raise AdapterMismatchError(f"{where}: tensors that do not fit this model:\n"
-                                   + "\n".join(f"  - {u}" for u in unplaced[:20])
-                                   + ("\n  …" if len(unplaced) > 20 else "")
-                                   + "\nIs this adapter for another base model?")
+        raise _mismatch(f"{where}: tensors that do not fit this model:", unplaced)
     order = {n: i for i, n in enumerate(modules)}
     plan.targets = sorted((p for p in lora_paths if p not in plan.ignored), key=order.__getitem__)
     for path in plan.targets:
@@ -216,13 +213,15 @@ def _copy_tensors(model: nn.Module, name: str, tensors: dict[str, torch.Tensor],
         if tuple(tensors[key].shape) != tuple(ours.shape):
             problems.append(f"{key}: file has shape {tuple(tensors[key].shape)}, this model's is {tuple(ours.shape)}")
     if problems:
-        raise AdapterMismatchError(f"{where}: the adapter does not fit this model:\n"
-                                   + "\n".join(f"  - {p}" for p in problems[:20])
-                                   + ("\n  …" if len(problems) > 20 else "")
-                                   + "\nIs this adapter for another base model?")
+        raise _mismatch(f"{where}: the adapter does not fit this model:", problems)
     with torch.no_grad():
         for key, target in expected.items():
             target.copy_(tensors[key].to(target.dtype))
+
+
+def _mismatch(header: str, lines: list[str], shown: int = 20) -> AdapterMismatchError:
+    listing = "\n".join(f"  - {line}" for line in lines[:shown]) + ("\n  …" if len(lines) > shown else "")
+    return AdapterMismatchError(f"{header}\n{listing}\nIs this adapter for another base model?")
 
 
 def _pick_adapter(state, name: str | None) -> str:
