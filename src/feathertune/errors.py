@@ -30,3 +30,17 @@ class AdapterMismatchError(FeathertuneError):
 
 class UnsupportedAdapterError(FeathertuneError):
     """An adapter file uses something feathertune does not implement; loading it would be wrong."""
+
+
+class DataError(FeathertuneError, ValueError):
+    """A data file has bad examples. `problems` lists them all (up to a cap), each as
+    'path:line: field: what is wrong', so that one run of the validator fixes a whole file."""
+
+    def __init__(self, problems: list[str], path: str = "", total: int | None = None):
+        self.problems = list(problems)
+        self.path = path
+        total = len(self.problems) if total is None else total
+        more = f"\n  … and {total - len(self.problems)} more" if total > len(self.problems) else ""
+        noun = "problem" if total == 1 else "problems"
+        where = f"{path}: " if path else ""
+        super().__init__(f"{where}{total} {noun} in the data:\n" + "\n".join(f"  {p}" for p in self.problems) + more)
