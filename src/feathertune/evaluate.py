@@ -1,0 +1,296 @@
+"""Evaluation: BLEU, greedy generation, token-weighted LM loss, classifier accuracy, sample files.
+
+Everything here leaves the model and tokenizer as it found them (training mode, padding side, pad
+token), so a training loop can call it between steps without side effects. Losses are computed from
+logits here rather than read from `model(...).loss`, because HF averages per batch and a mean of
+batch means over-weights short batches.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import re
+import sys
+import tempfile
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from feathertune.errors import ConfigError, DataError
+
+IGNORE_INDEX = -100  # labels with this value are not supervised (prompt tokens, padding)
+
+
+def bleu(hypotheses: list[str], references: list[list[str]]) -> float:
+    """Corpus BLEU (0–100) with sacrebleu's defaults (13a tokenisation, exp smoothing).
+
+    Args:
+        hypotheses: one system output per item.
+        references: for each item, its reference translations; items may have different numbers.
+
+    sacrebleu takes references as *streams* (stream k holds every item's k-th reference), so items
+    with fewer references are padded with None, which sacrebleu drops per segment (see
+    `BLEU._cache_references`). Padding with '' instead would count an empty reference and change the
+    closest-reference length used by the brevity penalty.
+
+    Raises:
+        ConfigError: the lists differ in length, or an item has no reference.
+    """
+    import sacrebleu
+
+    problems = []
+    if len(hypotheses) != len(references):
+        problems.append(f"got {len(hypotheses)} hypotheses but {len(references)} reference lists; "
+                        "pass one list of references per hypothesis")
+    if not hypotheses:
+        problems.append("no hypotheses: BLEU of an empty corpus is undefined")
+    for i, refs in enumerate(references):
+        if isinstance(refs, str):
+            problems.append(f"references[{i}] is a string; wrap it in a list: [{refs[:30]!r}]")
+        elif not refs:
+            problems.append(f"references[{i}] is empty; each item needs at least one reference")
+    if problems:
+        raise ConfigError(problems, source="bleu")
+    width = max(len(refs) for refs in references)
+    streams = [[refs[k] if k < len(refs) else None for refs in references] for k in range(width)]
+    return float(sacrebleu.corpus_bleu(list(hypotheses), streams).score)
+
+
+@contextlib.contextmanager
+def _evaluating(model: nn.Module) -> Iterator[None]:
+    """model.eval() and no_grad for the block, then every submodule's own training flag back.
+
+    Restoring per module (not `model.train(was_training)`) keeps a deliberately frozen part of a
+    training model (e.g. a base in eval mode to turn its dropout off) as it was.
+    """
+    modes = [(module, module.training) for module in model.modules()]
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        for module, training in modes:
+            module.training = training
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _eos_ids(model: nn.Module, tokenizer) -> list[int]:
+    """The tokenizer's eos plus any the model's generation config lists (chat models often end a
+    turn with a token, e.g. <|im_end|>, that differs from the tokenizer's eos)."""
+    ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
+    config_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids.update([config_eos] if isinstance(config_eos, int) else (config_eos or []))
+    return sorted(ids)
+
+
+def generate(model, tokenizer, conversations: list[list[dict]], *, max_new_tokens: int = 64,
+             batch_size: int = 16, progress: bool = True, desc: str = "generating") -> list[str]:
+    """Greedy answers to chat conversations, in input order.
+
+    Each conversation is rendered with the tokenizer's chat template (add_generation_prompt=True)
+    and decoded greedily until eos or `max_new_tokens`. Prompts are batched longest first, so that
+    similar lengths share a batch (less padding) and an out-of-memory shows on the first batch.
+    Padding is on the left, as decoder-only models need; the tokenizer's padding side (and pad
+    token, borrowed from eos if it has none) is restored afterwards, even on error.
+
+    Returns:
+        The new text of each conversation, special tokens skipped, whitespace stripped.
+
+    Raises:
+        ConfigError: bad batch_size / max_new_tokens, or a tokenizer without chat template or eos.
+    """
+    from tqdm.auto import tqdm
+
+    problems = []
+    if not isinstance(batch_size, int) or batch_size < 1:
+        problems.append(f"batch_size={batch_size!r}; use a positive integer, e.g. 16")
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        problems.append(f"max_new_tokens={max_new_tokens!r}; use a positive integer, e.g. 64")
+    if getattr(tokenizer, "chat_template", None) is None:
+        problems.append("the tokenizer has no chat_template; use an instruct/chat model's tokenizer "
+                        "or set tokenizer.chat_template")
+    if tokenizer.eos_token_id is None:
+        problems.append("the tokenizer has no eos token, so generation could not tell where an "
+                        "answer ends; set tokenizer.eos_token")
+    if problems:
+        raise ConfigError(problems, source="generate")
+    if not conversations:
+        return []
+
+    prompts = [tokenizer.apply_chat_template(list(c), tokenize=False, add_generation_prompt=True)
+               for c in conversations]
+    # The chat template already holds any BOS, so don't let the tokenizer add a second one.
+    lengths = [len(ids) for ids in tokenizer(prompts, add_special_tokens=False)["input_ids"]]
+    order = sorted(range(len(prompts)), key=lambda i: -lengths[i])
+    answers: list[str | None] = [None] * len(prompts)
+    eos = _eos_ids(model, tokenizer)
+    device = _device_of(model)
+
+    saved = tokenizer.padding_side, tokenizer.pad_token
+    bar = tqdm(total=len(prompts), desc=desc, disable=not progress, file=sys.stderr, unit="ex")
+    try:
+        tokenizer.padding_side = "left"
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        with _evaluating(model):
+            for start in range(0, len(order), batch_size):
+                batch = order[start:start + batch_size]
+                inputs = tokenizer([prompts[i] for i in batch], add_special_tokens=False,
+                                   padding=True, return_tensors="pt").to(device)
+                out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
+                                     num_beams=1, eos_token_id=eos,
+                                     pad_token_id=tokenizer.pad_token_id)
+                new = out[:, inputs["input_ids"].shape[1]:]  # (B, new tokens); pads after eos
+                for i, text in zip(batch, tokenizer.batch_decode(new, skip_special_tokens=True)):
+                    answers[i] = text.strip()
+                bar.update(len(batch))
+    finally:
+        bar.close()
+        tokenizer.padding_side, tokenizer.pad_token = saved
+    return answers  # type: ignore[return-value]  # every slot was filled
+
+
+def _logits_of(model: nn.Module, batch: dict[str, torch.Tensor], device: torch.device) -> torch.Tensor:
+    """The model's logits for a batch, without passing labels (so HF computes no loss of its own)."""
+    inputs = {k: v.to(device) for k, v in batch.items() if k != "labels"}
+    out = model(**inputs)
+    return out if isinstance(out, torch.Tensor) else out.logits
+
+
+def language_model_loss(model, batches: Iterable[dict[str, torch.Tensor]]) -> dict[str, float]:
+    """Mean cross-entropy per supervised token over all batches, and its perplexity.
+
+    Token i's logits predict token i+1 (the causal shift); labels equal to -100 are not counted.
+    The mean is over tokens, not batches: a batch with twice the supervised tokens weighs twice.
+
+    Returns:
+        {"loss": mean nats per supervised token, "perplexity": exp(loss), "tokens": count}.
+
+    Raises:
+        DataError: no batch had a supervised token (e.g. every answer was truncated away).
+        ConfigError: a batch has no labels, or labels whose shape differs from the logits'.
+    """
+    total, tokens = 0.0, 0
+    device = _device_of(model)
+    with _evaluating(model):
+        for n, batch in enumerate(batches):
+            if "labels" not in batch:
+                raise ConfigError(f"batch {n} has keys {sorted(batch)} but no 'labels'",
+                                  source="language_model_loss")
+            logits = _logits_of(model, batch, device)  # (B, T, V)
+            labels = batch["labels"].to(device)  # (B, T)
+            if labels.shape != logits.shape[:2]:
+                raise ConfigError(f"batch {n}: labels have shape {tuple(labels.shape)} but the "
+                                  f"logits {tuple(logits.shape)}; labels must be (batch, sequence)",
+                                  source="language_model_loss")
+            shifted_logits = logits[:, :-1].flatten(0, 1).float()  # (B*(T-1), V)
+            shifted_labels = labels[:, 1:].flatten()  # (B*(T-1),)
+            total += F.cross_entropy(shifted_logits, shifted_labels, ignore_index=IGNORE_INDEX,
+                                     reduction="sum").item()
+            tokens += int((shifted_labels != IGNORE_INDEX).sum())
+    if tokens == 0:
+        raise DataError(["no supervised tokens: every label (after the causal shift) is -100; check "
+                         "that answers survive truncation and that the loader gave any batches"])
+    loss = total / tokens
+    return {"loss": loss, "perplexity": math.exp(loss) if loss < 700 else math.inf, "tokens": tokens}
+
+
+def accuracy(model, batches: Iterable[dict[str, torch.Tensor]]) -> float:
+    """Share of examples whose argmax logit is the label, over all batches (example-weighted).
+
+    Batches hold the model's inputs (input_ids, attention_mask, ...) and `labels`, one class id
+    per example.
+
+    Raises:
+        DataError: the batches held no example.
+    """
+    correct, seen = 0, 0
+    device = _device_of(model)
+    with _evaluating(model):
+        for n, batch in enumerate(batches):
+            if "labels" not in batch:
+                raise ConfigError(f"batch {n} has keys {sorted(batch)} but no 'labels'", source="accuracy")
+            predicted = _logits_of(model, batch, device).argmax(dim=-1)  # (B,)
+            labels = batch["labels"].to(device)
+            correct += int((predicted == labels).sum())
+            seen += labels.numel()
+    if seen == 0:
+        raise DataError(["accuracy() got no examples; the evaluation loader is empty"])
+    return correct / seen
+
+
+# --- files ------------------------------------------------------------------------------------
+
+
+def write_atomic(path: str | os.PathLike, data: str | bytes) -> None:
+    """Write a file so that readers see the old or the new content, never half of one.
+
+    The data goes to a temporary file in the same directory (os.replace is atomic only within one
+    file system), which then replaces `path`. Parent directories are created.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data.encode("utf-8") if isinstance(data, str) else data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+SAMPLE_FIELDS = ("prompt", "reference", "base", "tuned")
+_SAMPLE_HEADINGS = {"base": "Base model", "tuned": "Fine-tuned", "reference": "Reference"}
+
+
+def _as_text(value) -> str:
+    """A sample field as text: strings as they are, a chat conversation as 'role: content' lines."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list) and all(isinstance(m, dict) and "content" in m for m in value):
+        return "\n".join(f"{m.get('role', '?')}: {m['content']}" for m in value)
+    return str(value)
+
+
+def _fenced(text: str) -> str:
+    """A code block that shows `text` verbatim: the fence is longer than any backtick run in it."""
+    longest = max((len(run) for run in re.findall(r"`+", text)), default=0)
+    fence = "`" * max(3, longest + 1)
+    return f"{fence}text\n{text}\n{fence}"
+
+
+def write_samples(path: str | os.PathLike, rows: list[dict]) -> None:
+    """Write samples.md: for each row, the prompt, then the base model's, the fine-tuned model's
+    and the reference answer, as a readable markdown section. Written atomically.
+
+    Args:
+        rows: dicts with keys "prompt", "reference", "base" and "tuned" (strings; a prompt may also
+            be a list of chat messages).
+
+    Raises:
+        ConfigError: rows missing fields (all of them are listed).
+    """
+    problems = [f"rows[{i}] lacks {', '.join(repr(k) for k in SAMPLE_FIELDS if k not in row)}"
+                for i, row in enumerate(rows) if not all(k in row for k in SAMPLE_FIELDS)]
+    if problems:
+        raise ConfigError(problems + [f"each row needs keys {list(SAMPLE_FIELDS)}"], source="write_samples")
+    parts = ["# Samples: base vs fine-tuned\n",
+             f"{len(rows)} examples. Each shows the prompt, then the base model's answer, the "
+             "fine-tuned model's answer, and the reference answer.\n"]
+    for n, row in enumerate(rows, start=1):
+        parts.append(f"## Example {n}\n\n**Prompt**\n\n{_fenced(_as_text(row['prompt']))}\n")
+        for key in ("base", "tuned", "reference"):
+            parts.append(f"**{_SAMPLE_HEADINGS[key]}**\n\n{_fenced(_as_text(row[key]))}\n")
+    write_atomic(path, "\n".join(parts))

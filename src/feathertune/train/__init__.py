@@ -1,0 +1,1 @@
+"""Training: the loop, its metrics log (metrics.jsonl) and loss plots."""
