@@ -18,26 +18,35 @@ from feathertune.checkpoint import load_adapter, save_adapter
 from feathertune.errors import (
     AdapterMismatchError,
     ConfigError,
+    DataError,
     FeathertuneError,
     TargetError,
     UnsupportedAdapterError,
 )
 from feathertune.methods.lora import LoraConfig
+from feathertune.models import load_model
+from feathertune.train.config import TrainConfig, load_config
+from feathertune.train.loop import run
 
 __version__ = "0.1.0"
 
 __all__ = [
     "AdapterMismatchError",
     "ConfigError",
+    "DataError",
     "FeathertuneError",
     "LoraConfig",
+    "TrainConfig",
     "TargetError",
     "UnsupportedAdapterError",
     "attach",
     "delete_adapter",
     "disabled",
     "load_adapter",
+    "load_config",
+    "load_model",
     "merge",
+    "run",
     "save_adapter",
     "set_active",
     "trainable_parameters",

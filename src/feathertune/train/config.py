@@ -1,0 +1,265 @@
+"""The training configuration: one YAML file, overridable as `dotted.key=value`, checked all at once.
+
+    model: smollm2-135m-instruct
+    method: lora
+    lora: {r: 16, alpha: 32, target_modules: all-linear}
+    data: {train: data/e2e/train.jsonl, validation: data/e2e/validation.jsonl, max_length: 256}
+    train: {max_steps: 200, batch_size: 8, lr: 1.0e-3}
+    output: runs/e2e-lora
+
+The CLI, the Python API and the service all build a `TrainConfig` and call `feathertune.run`, so
+every key is checked and documented here once (README "Configuration" lists them).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from pathlib import Path
+from typing import Any
+
+import re
+
+import yaml
+
+from feathertune.errors import ConfigError
+from feathertune.methods.lora import LoraConfig
+
+TASKS = ("auto", "causal_lm", "classification")
+SCHEDULES = ("cosine", "linear", "constant")
+PRECISIONS = ("fp32", "bf16")
+FORMATS = ("auto", "chat", "alpaca", "prompt_completion", "references", "text", "classification")
+
+
+@dataclasses.dataclass
+class DataConfig:
+    train: str = ""  # training file (JSONL, TSV/CSV or TXT)
+    validation: str | None = None  # validation file; BLEU/accuracy and samples come from it
+    format: str = "auto"  # see feathertune.data: chat, alpaca, prompt_completion, references, text, classification
+    validation_format: str = "auto"
+    max_length: int = 512  # tokens per example; longer ones are truncated (and counted)
+    text_field: str = "text"  # for classification / text JSONL
+    label_field: str = "label"
+    max_validation: int | None = None  # use only the first N validation examples (faster evaluation)
+
+    def problems(self) -> list[str]:
+        found = []
+        if not self.train or not isinstance(self.train, str):
+            found.append("data.train is required: the path of the training file")
+        for key in ("format", "validation_format"):
+            if getattr(self, key) not in FORMATS:
+                found.append(f"data.{key}={getattr(self, key)!r} is not one of {', '.join(FORMATS)}")
+        found += _positive_int("data.max_length", self.max_length)
+        if self.max_validation is not None:
+            found += _positive_int("data.max_validation", self.max_validation)
+        return found
+
+
+@dataclasses.dataclass
+class LoopConfig:
+    epochs: float = 1  # passes over the training data (ignored when max_steps is set)
+    max_steps: int | None = None  # optimizer steps; overrides epochs
+    batch_size: int = 8  # examples per micro-batch per process
+    grad_accum: int = 1  # micro-batches per optimizer step; global batch = batch_size·grad_accum·processes
+    lr: float = 2e-4  # peak learning rate (LoRA tolerates ~10× full fine-tuning's)
+    weight_decay: float = 0.0
+    warmup_steps: int = 10  # linear warm-up from 0 to lr
+    schedule: str = "cosine"  # decay after warm-up: cosine, linear (to 0) or constant
+    max_grad_norm: float | None = 1.0  # clip the global gradient norm; null disables
+    precision: str = "fp32"  # fp32, or bf16 autocast (fast on GPUs and AMX CPUs, slower on others)
+    gradient_checkpointing: bool = False  # recompute activations in the backward: less memory, ~30% slower
+    seed: int = 0  # one seed for init, dropout and data order: same seed, same run
+    shuffle: bool = True
+    group_by_length: bool = True  # batches of similar lengths: less padding, faster
+    eval_every: int = 0  # steps between validation-loss evaluations; 0: only at the end
+    checkpoint_every: int = 50  # steps between resumable checkpoints; 0: none
+    keep_checkpoints: int = 2  # newest checkpoints kept on disk
+    log_every: int = 1  # steps between metrics.jsonl lines
+
+    def problems(self) -> list[str]:
+        found = []
+        if not isinstance(self.epochs, (int, float)) or isinstance(self.epochs, bool) or self.epochs <= 0:
+            found.append(f"train.epochs={self.epochs!r} must be a positive number")
+        if self.max_steps is not None:
+            found += _positive_int("train.max_steps", self.max_steps)
+        for key in ("batch_size", "grad_accum", "keep_checkpoints", "log_every"):
+            found += _positive_int(f"train.{key}", getattr(self, key))
+        for key in ("warmup_steps", "eval_every", "checkpoint_every", "seed"):
+            found += _non_negative_int(f"train.{key}", getattr(self, key))
+        if not isinstance(self.lr, (int, float)) or isinstance(self.lr, bool) or not 0 < self.lr < 1:
+            found.append(f"train.lr={self.lr!r} must be a number in (0, 1) (typical for LoRA: 1e-4 to 2e-3)")
+        if not isinstance(self.weight_decay, (int, float)) or self.weight_decay < 0:
+            found.append(f"train.weight_decay={self.weight_decay!r} must be ≥ 0")
+        if self.max_grad_norm is not None and (not isinstance(self.max_grad_norm, (int, float))
+                                               or self.max_grad_norm <= 0):
+            found.append(f"train.max_grad_norm={self.max_grad_norm!r} must be positive or null")
+        if self.schedule not in SCHEDULES:
+            found.append(f"train.schedule={self.schedule!r} is not one of {', '.join(SCHEDULES)}")
+        if self.precision not in PRECISIONS:
+            found.append(f"train.precision={self.precision!r} is not one of {', '.join(PRECISIONS)}")
+        for key in ("gradient_checkpointing", "shuffle", "group_by_length"):
+            if not isinstance(getattr(self, key), bool):
+                found.append(f"train.{key}={getattr(self, key)!r} must be true or false")
+        return found
+
+
+@dataclasses.dataclass
+class EvalConfig:
+    compare_base: bool = True  # also score the base model (adapters disabled) for a before/after
+    max_new_tokens: int = 64  # generation length for BLEU and samples
+    batch_size: int = 16  # prompts generated at once
+    samples: int = 3  # base vs fine-tuned answers shown in samples.md and the summary
+
+    def problems(self) -> list[str]:
+        found = []
+        if not isinstance(self.compare_base, bool):
+            found.append(f"eval.compare_base={self.compare_base!r} must be true or false")
+        for key in ("max_new_tokens", "batch_size"):
+            found += _positive_int(f"eval.{key}", getattr(self, key))
+        found += _non_negative_int("eval.samples", self.samples)
+        return found
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    model: str = "smollm2-135m-instruct"  # embedded name, local HF directory, .gguf file or hub id
+    method: str = "lora"
+    task: str = "auto"  # causal_lm or classification; auto: from the data format
+    output: str = "runs/latest"  # the run directory
+    lora: LoraConfig = dataclasses.field(default_factory=lambda: LoraConfig(r=16, alpha=32))
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    train: LoopConfig = dataclasses.field(default_factory=LoopConfig)
+    eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
+
+    def problems(self) -> list[str]:
+        found = []
+        if not isinstance(self.model, str) or not self.model:
+            found.append("model is required: an embedded name (smollm2-135m-instruct, minilm-l6), a local "
+                         "model directory, a .gguf file or a hub id")
+        if self.method != "lora":
+            found.append(f"method={self.method!r} is not available yet; available: lora")
+        if self.task not in TASKS:
+            found.append(f"task={self.task!r} is not one of {', '.join(TASKS)}")
+        if not isinstance(self.output, str) or not self.output:
+            found.append("output is required: the run directory")
+        return found
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any], source: str = "config") -> TrainConfig:
+        """Build and check a config; every problem in every section is reported in one ConfigError."""
+        if not isinstance(values, dict):
+            raise ConfigError(f"expected a mapping of keys to values, got {type(values).__name__}", source=source)
+        problems: list[str] = []
+        sections = {"lora": LoraConfig, "data": DataConfig, "train": LoopConfig, "eval": EvalConfig}
+        top = {k: v for k, v in values.items() if k not in sections}
+        built: dict[str, Any] = {}
+        for name, section_cls in sections.items():
+            section = values.get(name) or {}
+            if not isinstance(section, dict):
+                problems.append(f"{name} must be a mapping, got {section!r}")
+                section = {}
+            if name == "lora":
+                defaults = {"r": 16, "alpha": 32}
+                section = {**defaults, **section}
+            built[name], section_problems = _build(section_cls, section, prefix=f"{name}.")
+            problems += section_problems
+        config, top_problems = _build(cls, top, prefix="", nested=built)
+        problems += top_problems
+        if problems:
+            raise ConfigError(problems, source=source)
+        return config
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML 1.1 reads `1e-3` as a string; people write learning rates that way, so read it as a float."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:\d+\.?\d*|\.\d+)[eE][-+]?\d+$"),
+    list("-+0123456789."),
+)
+
+
+def parse_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_Loader)  # a SafeLoader: builds plain data only
+
+
+def load_config(path: str | Path, overrides: list[str] = ()) -> TrainConfig:
+    """Read a YAML config and apply `dotted.key=value` overrides (values parsed as YAML)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such config file", source=str(path))
+    try:
+        values = parse_yaml(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = f":{mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"{path}{line}: not valid YAML ({getattr(exc, 'problem', exc)})", source=str(path)) from None
+    values = apply_overrides(values, overrides)
+    return TrainConfig.from_dict(values, source=str(path))
+
+
+def apply_overrides(values: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """`train.lr=1e-3` -> values["train"]["lr"] = 0.001 (YAML typing: numbers, booleans, lists, null)."""
+    values = dict(values)
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r} must look like key=value, e.g. train.lr=1e-3", source="command line")
+        try:
+            value = parse_yaml(raw) if raw else ""
+        except yaml.YAMLError:
+            value = raw
+        node = values
+        parts = key.split(".")
+        for part in parts[:-1]:
+            child = node.get(part)
+            node[part] = dict(child) if isinstance(child, dict) else {}
+            node = node[part]
+        node[parts[-1]] = value
+    return values
+
+
+def _build(cls, values: dict[str, Any], prefix: str, nested: dict[str, Any] | None = None):
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    problems = []
+    for key in values:
+        if key not in fields:
+            hint = difflib.get_close_matches(key, list(fields), n=1, cutoff=0.5)
+            suggestion = f" (did you mean {prefix}{hint[0]}?)" if hint else ""
+            problems.append(f"unknown key {prefix}{key}{suggestion}; known: {', '.join(prefix + f for f in fields)}")
+    obj = cls.__new__(cls)
+    for name, f in fields.items():
+        if nested and name in nested:
+            value = nested[name]
+        elif name in values:
+            value = values[name]
+        elif f.default is not dataclasses.MISSING:
+            value = f.default
+        else:
+            value = f.default_factory()
+        object.__setattr__(obj, name, value)
+    if cls is LoraConfig:
+        problems += [f"lora.{p}" for p in obj.problems()]
+    else:
+        problems += obj.problems()
+    return obj, problems
+
+
+def _positive_int(name: str, value: Any) -> list[str]:
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        return [f"{name}={value!r} must be a positive integer"]
+    return []
+
+
+def _non_negative_int(name: str, value: Any) -> list[str]:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        return [f"{name}={value!r} must be an integer ≥ 0"]
+    return []

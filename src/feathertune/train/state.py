@@ -1,0 +1,153 @@
+"""Resumable checkpoints: everything a killed run needs to end exactly where an unbroken one would.
+
+    checkpoints/step-000050/
+        adapter/                 the adapter in PEFT format (loadable on its own)
+        trainer.safetensors      optimizer tensors and RNG states
+        trainer.json             step, optimizer hyper-parameters, scheduler, Python RNG
+
+A checkpoint is written into a hidden temporary directory and renamed into place, so a directory
+named step-N is always complete; a kill mid-write leaves only a temporary directory, which the next
+run removes. safetensors and JSON only: nothing is unpickled on resume.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+import feathertune as ft
+from feathertune.checkpoint import PREFIX, WEIGHTS_FILE
+from feathertune.methods import lora_peft
+from feathertune.methods.lora import LoraLayer
+from feathertune.saved_modules import ModulesToSave
+from feathertune.wrapping import wrapped_layers
+
+_STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+def save_checkpoint(run_dir: Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
+                    scheduler: torch.optim.lr_scheduler.LRScheduler, keep: int, extra: dict[str, Any]) -> Path:
+    """Write checkpoints/step-<step>/ atomically and keep only the newest `keep` checkpoints."""
+    root = run_dir / "checkpoints"
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step-{step:06d}"
+    tmp = root / f".step-{step:06d}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    ft.save_adapter(model, tmp / "adapter")
+    tensors, meta = _optimizer_to_flat(optimizer.state_dict())
+    tensors["rng/torch"] = torch.get_rng_state()
+    if torch.cuda.is_available():
+        for i, state in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"rng/cuda/{i}"] = state
+    save_file(tensors, str(tmp / "trainer.safetensors"))
+    record = {"step": step, "optimizer": meta, "scheduler": scheduler.state_dict(),
+              "python_rng": _jsonable(random.getstate()), **extra}
+    (tmp / "trainer.json").write_text(json.dumps(record, indent=1))
+    if final.exists():
+        shutil.rmtree(final)
+    tmp.rename(final)
+    for old in sorted(checkpoints(run_dir))[:-keep]:
+        shutil.rmtree(old[1], ignore_errors=True)
+    return final
+
+
+def checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
+    """(step, path) of every complete checkpoint, oldest first; removes torn temporary ones."""
+    root = run_dir / "checkpoints"
+    if not root.is_dir():
+        return []
+    found = []
+    for path in root.iterdir():
+        if path.name.startswith(".") and path.name.endswith(".tmp"):
+            shutil.rmtree(path, ignore_errors=True)  # a kill mid-write
+            continue
+        match = _STEP_DIR.match(path.name)
+        if match and (path / "trainer.json").is_file():
+            found.append((int(match.group(1)), path))
+    return sorted(found)
+
+
+def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
+                    scheduler: torch.optim.lr_scheduler.LRScheduler) -> dict[str, Any]:
+    """Restore adapter weights, optimizer, scheduler and RNGs from `path`; returns trainer.json."""
+    record = json.loads((path / "trainer.json").read_text())
+    tensors = load_file(str(path / "trainer.safetensors"))
+    _copy_adapter_weights(model, path / "adapter")
+    optimizer.load_state_dict(_optimizer_from_flat(tensors, record["optimizer"]))
+    scheduler.load_state_dict(record["scheduler"])
+    torch.set_rng_state(tensors["rng/torch"])
+    cuda_states = [tensors[k] for k in sorted(tensors) if k.startswith("rng/cuda/")]
+    if cuda_states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda_states)
+    random.setstate(_tupled(record["python_rng"]))
+    return record
+
+
+def _copy_adapter_weights(model: nn.Module, adapter_dir: Path) -> None:
+    """Load the checkpoint's adapter tensors into the model's (already attached, trainable) adapter."""
+    saved = load_file(str(adapter_dir / WEIGHTS_FILE))
+    expected = {}
+    for name, layer in wrapped_layers(model):
+        if isinstance(layer, LoraLayer):
+            for adapter_name in layer.adapter_names():
+                for suffix, tensor in lora_peft.adapter_tensors(layer, adapter_name).items():
+                    expected[f"{PREFIX}{name}.{suffix}"] = tensor
+        elif isinstance(layer, ModulesToSave):
+            for adapter_name in layer.adapter_names():
+                for key, tensor in layer.copies[adapter_name].state_dict().items():
+                    expected[f"{PREFIX}{name}.{key}"] = tensor
+    missing = sorted(set(expected) - set(saved))
+    if missing:
+        raise ft.AdapterMismatchError(f"{adapter_dir}: checkpoint lacks {len(missing)} tensors of this run's "
+                                      f"adapter (first: {missing[0]}); was the config changed since?")
+    with torch.no_grad():
+        for key, tensor in expected.items():
+            tensor.copy_(saved[key])
+
+
+def _optimizer_to_flat(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    tensors, scalars = {}, {}
+    for index, values in state["state"].items():
+        for key, value in values.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"optimizer/{index}/{key}"] = value.detach().cpu().contiguous()
+            else:
+                scalars[f"{index}/{key}"] = value
+    return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
+
+
+def _optimizer_from_flat(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict[str, Any]:
+    state: dict[int, dict[str, Any]] = {}
+    for key, tensor in tensors.items():
+        if key.startswith("optimizer/"):
+            _, index, name = key.split("/", 2)
+            state.setdefault(int(index), {})[name] = tensor
+    for key, value in meta["scalars"].items():
+        index, name = key.split("/", 1)
+        state.setdefault(int(index), {})[name] = value
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+def _jsonable(value):
+    if isinstance(value, tuple):
+        return {"__tuple__": [_jsonable(v) for v in value]}
+    if isinstance(value, list):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+def _tupled(value):
+    if isinstance(value, dict) and "__tuple__" in value:
+        return tuple(_tupled(v) for v in value["__tuple__"])
+    if isinstance(value, list):
+        return [_tupled(v) for v in value]
+    return value
