@@ -350,8 +350,8 @@ def test_collate_pads_on_the_right():
     assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
     assert batch["labels"].tolist() == [[-100, 6, 7], [8, -100, -100]]
     batch = collate([{"input_ids": [5], "label": 1}, {"input_ids": [8, 9], "label": 0}], pad_id=2)
-    assert batch["input_ids"].tolist() == [[5, 2], [8, 9]] and batch["label"].tolist() == [1, 0]
-    assert batch["label"].dtype == torch.long and "labels" not in batch
+    assert batch["input_ids"].tolist() == [[5, 2], [8, 9]] and batch["labels"].tolist() == [1, 0]
+    assert batch["labels"].dtype == torch.long and batch["labels"].shape == (2,)
 
 
 # --- the real files -----------------------------------------------------------------------------

@@ -273,3 +273,23 @@ def test_an_attached_model_trains_under_transformers_trainer(workspace, tmp_path
     assert any(not torch.equal(p, adapter_before[n]) for n, p in model.named_parameters() if n in adapter_before)
     ft.save_adapter(model, tmp_path / "adapter")
     assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_a_classification_run_trains_the_head_and_reports_accuracy(workspace):
+    """MiniLM (embedded) + LoRA on a few SST-2 sentences: the new head is trained and saved too."""
+    root, config = workspace
+    rows = (SST2 / "train.tsv").read_text().splitlines()
+    (root / "sst-train.tsv").write_text("\n".join(rows[:65]) + "\n")
+    (root / "sst-dev.tsv").write_text("\n".join([rows[0]] + rows[100:120]) + "\n")
+    out = root / "runs" / "sst"
+    result = ft.run(ft.TrainConfig.from_dict({
+        "model": "minilm-l6", "output": str(out),
+        "lora": {"r": 4, "alpha": 8, "target_modules": ["query", "value"]},
+        "data": {"train": str(root / "sst-train.tsv"), "validation": str(root / "sst-dev.tsv"), "max_length": 32},
+        "train": {"max_steps": 3, "batch_size": 8, "lr": 1e-3, "checkpoint_every": 0},
+    }), log=lambda *_: None)
+    assert 0.0 <= result.metrics["accuracy"] <= 1.0 and "base_accuracy" in result.metrics
+    saved = adapter_tensors(out)
+    assert "base_model.model.classifier.weight" in saved  # the head travels with the adapter
+    config_json = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert config_json["modules_to_save"] == ["classifier"]

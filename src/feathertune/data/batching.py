@@ -48,7 +48,8 @@ def collate(rows: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
     """Pad rows from `tokenize_examples` on the right into one batch.
 
     Returns input_ids (B, T) padded with pad_id, attention_mask (B, T) with 1 on real tokens, and
-    labels (B, T) padded with -100 (chat, text) or label (B,) (classification).
+    labels: (B, T) padded with -100 (chat, text), or (B,) class ids (classification) — the key
+    Hugging Face models take for both.
     """
     if not rows:
         raise ValueError("collate() got no rows; batches must hold at least one example")
@@ -66,7 +67,7 @@ def collate(rows: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
             labels[b, : len(row["labels"])] = torch.tensor(row["labels"], dtype=torch.long)
         batch["labels"] = labels
     else:
-        batch["label"] = torch.tensor([row["label"] for row in rows], dtype=torch.long)  # (B,)
+        batch["labels"] = torch.tensor([row["label"] for row in rows], dtype=torch.long)  # (B,)
     return batch
 
 
