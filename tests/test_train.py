@@ -293,3 +293,53 @@ def test_a_classification_run_trains_the_head_and_reports_accuracy(workspace):
     assert "base_model.model.classifier.weight" in saved  # the head travels with the adapter
     config_json = json.loads((out / "adapter" / "adapter_config.json").read_text())
     assert config_json["modules_to_save"] == ["classifier"]
+
+
+def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_checkpoint(workspace, monkeypatch, capsys):
+    from feathertune.train import loop
+
+    root, config = workspace
+    out = root / "runs" / "diverged"
+    cfg = write_config(root, config, "diverged", output=str(out))
+    original = loop._loss_sum
+    calls = []
+
+    def poisoned(*args, **kwargs):
+        calls.append(1)
+        value = original(*args, **kwargs)
+        return value * float("nan") if len(calls) == 3 else value  # the third step diverges
+
+    monkeypatch.setattr(loop, "_loss_sum", poisoned)
+    assert cli(["train", str(cfg)]) == 2
+    err = capsys.readouterr().err
+    assert "step 3: the loss is nan" in err and "step-000002" in err and "train.lr" in err, err
+    assert "Traceback" not in err
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-000002"]
+    assert not (out / "adapter").exists()
+
+
+def test_gradient_checkpointing_and_bf16_runs_train(workspace):
+    root, config = workspace
+    for name, extra in (("ckpt", {"gradient_checkpointing": True}), ("bf16", {"precision": "bf16"})):
+        out = root / "runs" / name
+        ft.run(ft.TrainConfig.from_dict({**config, "output": str(out),
+                                         "train": {**config["train"], "max_steps": 2, **extra},
+                                         "eval": {"compare_base": False, "max_new_tokens": 4}}),
+               log=lambda *_: None)
+        assert (out / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_cli_eval_and_chat(workspace, capsys, monkeypatch):
+    import io
+
+    root, config = workspace
+    out = root / "runs" / "eval-chat"
+    cfg = write_config(root, config, "eval-chat", output=str(out), train={"max_steps": 2})
+    assert cli(["train", str(cfg)]) == 0
+    capsys.readouterr()
+    assert cli(["eval", str(out)]) == 0
+    scores = json.loads(capsys.readouterr().out)
+    assert {"loss", "bleu", "examples"} <= set(scores) and scores["examples"] == 4
+    monkeypatch.setattr("sys.stdin", io.StringIO("name[The Eagle]\n/reset\nname[Cotto]\n/exit\n"))
+    assert cli(["chat", "--adapter", str(out), "--max-new-tokens", "4"]) == 0
+    assert capsys.readouterr().out.count("model> ") == 2

@@ -187,6 +187,7 @@ def _run(config: TrainConfig, resume: bool, procs: distributed.Processes, say) -
                                                                                config.eval.batch_size))
         if metrics is not None and "eval_loss" in result_metrics:
             metrics.write({"step": total_steps, "eval_loss": result_metrics["eval_loss"]})
+        metrics.close()
         plot_losses(out / "metrics.jsonl", out / "loss.png", title=f"{config.model} + {config.method}")
     distributed.barrier(procs)
     return RunResult(output=out, adapter=adapter_dir, steps=total_steps, metrics=result_metrics)
@@ -275,7 +276,11 @@ def _validation_loss(model, data: Tokenized, pad_id: int, task: str, batch_size:
     total, count = 0.0, 0
     device = next(model.parameters()).device
     order = sorted(range(len(data.rows)), key=lambda i: data.lengths[i])
-    for start in range(0, len(order), batch_size):
+    from tqdm.auto import tqdm
+
+    starts = range(0, len(order), batch_size)
+    for start in tqdm(starts, desc="validation loss", unit="batch", leave=False, file=sys.stderr,
+                      disable=len(starts) < 8):
         indices = order[start:start + batch_size]
         inputs = _to(collate([data.rows[i] for i in indices], pad_id), device)
         total += _loss_sum(model, inputs, task).item()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 import textwrap
 from pathlib import Path
 
@@ -31,10 +32,10 @@ def final_report(model, tokenizer, config, task: str, val_set, val_tok, out: Pat
     if task == "classification":
         device = next(model.parameters()).device
         batches = _batches(val_tok, tokenizer.pad_token_id, config.eval.batch_size, device)
-        results["accuracy"] = evaluate.accuracy(model, batches)
+        results["accuracy"] = evaluate.accuracy(model, _progress(batches, "fine-tuned accuracy"))
         if config.eval.compare_base:
             with ft.disabled(model):  # the base with its new, untrained head: chance level
-                results["base_accuracy"] = evaluate.accuracy(model, batches)
+                results["base_accuracy"] = evaluate.accuracy(model, _progress(batches, "base accuracy"))
         _write_json(out / "eval.json", results)
         base = f"{100 * results['base_accuracy']:.1f}% (untrained head) → " if "base_accuracy" in results else ""
         say(f"validation accuracy: {base}{100 * results['accuracy']:.1f}% fine-tuned")
@@ -79,6 +80,12 @@ def side_by_side(row: dict) -> str:
         b = right[i] if i < len(right) else ""
         lines.append(f"{a:<{column}} | {b}")
     return "\n".join(lines) + "\n"
+
+
+def _progress(batches: list, desc: str):
+    from tqdm.auto import tqdm
+
+    return tqdm(batches, desc=desc, unit="batch", leave=False, file=sys.stderr, disable=len(batches) < 8)
 
 
 def _batches(data, pad_id: int, batch_size: int, device: torch.device | str = "cpu"):
