@@ -1,0 +1,37 @@
+"""The shipped recipes reach their targets (slow: minutes each; `bash scripts/test.sh -m slow`).
+
+These run the real embedded models on the real data, exactly as a user would.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+
+from feathertune.cli import main as cli
+
+REPO = Path(__file__).resolve().parents[1]
+
+pytestmark = pytest.mark.slow
+
+
+def run_recipe(name: str, out: Path, monkeypatch) -> tuple[dict, float]:
+    monkeypatch.chdir(REPO)  # recipes name their data relative to the repository
+    start = time.perf_counter()
+    assert cli(["train", f"recipes/{name}.yaml", f"output={out}"]) == 0
+    return json.loads((out / "eval.json").read_text()), time.perf_counter() - start
+
+
+def test_e2e_recipe_beats_the_base_by_30_bleu(tmp_path, monkeypatch):
+    scores, seconds = run_recipe("e2e-lora", tmp_path / "e2e", monkeypatch)
+    print(f"E2E: BLEU {scores['base_bleu']:.1f} -> {scores['bleu']:.1f} in {seconds / 60:.1f} min")
+    assert scores["bleu"] >= scores["base_bleu"] + 30, scores
+
+
+def test_sst2_recipe_reaches_85_percent(tmp_path, monkeypatch):
+    scores, seconds = run_recipe("sst2-lora", tmp_path / "sst2", monkeypatch)
+    print(f"SST-2: accuracy {scores['accuracy']:.3f} in {seconds / 60:.1f} min")
+    assert scores["accuracy"] >= 0.85, scores
