@@ -27,8 +27,11 @@ SST2 = REPO / "data" / "sst2"
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
+    return make_workspace(tmp_path_factory.mktemp("train"))
+
+
+def make_workspace(root: Path):
     """A tiny chat model, 48 E2E training examples, 4 validation MRs, and a config using them."""
-    root = tmp_path_factory.mktemp("train")
     train_lines = (E2E / "train.jsonl").read_text().splitlines()[:48]
     val_lines = (E2E / "validation.jsonl").read_text().splitlines()[:4]
     (root / "train.jsonl").write_text("\n".join(train_lines) + "\n")

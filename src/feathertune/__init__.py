@@ -25,6 +25,7 @@ from feathertune.errors import (
 )
 from feathertune.methods.lora import LoraConfig
 from feathertune.models import load_model
+from feathertune.quant import quantize
 from feathertune.train.config import TrainConfig, load_config
 from feathertune.train.loop import run
 
@@ -46,6 +47,7 @@ __all__ = [
     "load_config",
     "load_model",
     "merge",
+    "quantize",
     "run",
     "save_adapter",
     "set_active",

@@ -69,6 +69,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--adapter", required=True, help="adapter directory (or run directory)")
     p.add_argument("--out", required=True, help="where to write the merged model (transformers format)")
     p.add_argument("--model", help="base model (default: from the run or the adapter)")
+    p.add_argument("--dequantize", action="store_true",
+                   help="for a QLoRA run: merge into the full-precision base (the exact export) instead "
+                        "of rounding the merged weights back to NF4")
     p.set_defaults(handler=_merge)
 
     p = sub.add_parser("inspect", help="what an adapter or run directory holds")
@@ -112,12 +115,18 @@ def _resolve(path: str | None, model: str | None) -> tuple[str, Path | None, Pat
     return model or recorded or "smollm2-135m-instruct", path, None
 
 
-def _load(path: str | None, model_name: str | None, task: str = "causal_lm"):
+def _load(path: str | None, model_name: str | None, task: str = "causal_lm", full_precision: bool = False):
+    """Base model (quantized as the run was, unless full_precision) with the adapter loaded."""
     import feathertune as ft
     from feathertune.models import load_model
+    from feathertune.train.config import load_config
 
     name, adapter, run_dir = _resolve(path, model_name)
-    model, tokenizer = load_model(name, task=task)
+    run_config = (run_dir or (adapter.parent if adapter else None))
+    quantize = None
+    if run_config is not None and (run_config / "config.yaml").is_file() and not full_precision:
+        quantize = load_config(run_config / "config.yaml").quantization
+    model, tokenizer = load_model(name, task=task, quantize=quantize)
     if adapter is not None:
         ft.load_adapter(model, adapter)
     return model, tokenizer, run_dir
@@ -173,7 +182,7 @@ def _eval(args) -> int:
 def _merge(args) -> int:
     import feathertune as ft
 
-    model, tokenizer, _ = _load(args.adapter, args.model)
+    model, tokenizer, _ = _load(args.adapter, args.model, full_precision=args.dequantize)
     merged = ft.merge(model)
     out = Path(args.out)
     merged.save_pretrained(out)

@@ -71,7 +71,8 @@ def feathertune_home(home: str | os.PathLike | None = None) -> Path:
 
 def load_model(name: str, *, task: str = "causal_lm", num_labels: int | None = None,
                label_names: list[str] | None = None, dtype: torch.dtype = torch.float32,
-               home: str | os.PathLike | None = None) -> tuple[nn.Module, PreTrainedTokenizerBase]:
+               home: str | os.PathLike | None = None,
+               quantize: str | None = None) -> tuple[nn.Module, PreTrainedTokenizerBase]:
     """Load a model (in eval mode) and a tokenizer that has a pad token.
 
     Args:
@@ -82,6 +83,7 @@ def load_model(name: str, *, task: str = "causal_lm", num_labels: int | None = N
         label_names: names of the classes, stored as the config's id2label/label2id.
         dtype: float32, bfloat16 or float16; conversions are cached in float32 and cast on load.
         home: cache root for converted models (see feathertune_home).
+        quantize: "nf4" stores the linear layers in 4-bit NormalFloat for QLoRA (see feathertune.quant).
 
     Returns:
         (model, tokenizer).
@@ -117,6 +119,12 @@ def load_model(name: str, *, task: str = "causal_lm", num_labels: int | None = N
         raise ConfigError(f"could not load name={name!r} ({_one_line(exc)}); name must be {KINDS}"
                           + (f" (did you mean {hint[0]!r}?)" if hint else ""), source="load_model") from None
     _set_pad_token(model, tokenizer, name)
+    if name in EMBEDDED:  # adapters record this as their base: a name that loads anywhere feathertune is
+        model.config.name_or_path = name
+    if quantize is not None:
+        from feathertune.quant import quantize as quantize_model
+
+        quantize_model(model, quantize, compute_dtype=dtype)
     return model.eval(), tokenizer
 
 

@@ -18,12 +18,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
 from feathertune import functional as fn
+from feathertune import quant
 from feathertune.config import MethodConfig, type_problem
 from feathertune.errors import ConfigError
 from feathertune.saved_modules import ModulesToSave
@@ -288,6 +290,10 @@ class LoraLayer(WrappedLayer):
         names = [n for n in self.active if n in self.lora]
         if self._merged is not None or not names:
             return
+        if quant.is_quantized(self.base):
+            warnings.warn("merging into a 4-bit (NF4) base rounds the merged weights to NF4, and unmerging "
+                          "cannot undo that rounding exactly; for a full-precision export use "
+                          "`feathertune merge --dequantize` (or ft.quant.dequantize_model first)", stacklevel=4)
         W = self.base_weight()
         work = torch.promote_types(W.dtype, torch.float32)
         W32 = W.to(work)
@@ -344,10 +350,15 @@ class LoraLinear(LoraLayer):
         self.fan_in_fan_out = conv1d is not None and isinstance(base, conv1d)
 
     def base_weight(self) -> torch.Tensor:
+        if quant.is_quantized(self.base):  # QLoRA: the frozen base is 4-bit; the maths sees W itself
+            return quant.dequantize_weight(self.base)
         W = self.weight_param()
         return W.T if self.fan_in_fan_out else W
 
     def set_base_weight_(self, new: torch.Tensor) -> None:
+        if quant.is_quantized(self.base):
+            quant.requantize_weight_(self.base, new)  # merging into NF4 rounds: see LoraLayer.merge
+            return
         new = new.T if self.fan_in_fan_out else new
         self.weight_param().data.copy_(new.to(self.weight_param().dtype))
 

@@ -27,6 +27,9 @@ from feathertune.methods.lora import LoraConfig
 
 TASKS = ("auto", "causal_lm", "classification")
 SCHEDULES = ("cosine", "linear", "constant")
+OPTIMIZERS = ("adamw", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit")
+METHODS = ("lora", "qlora")  # qlora = lora over a base quantized to NF4
+QUANTIZATIONS = ("nf4",)
 PRECISIONS = ("fp32", "bf16")
 FORMATS = ("auto", "chat", "alpaca", "prompt_completion", "references", "text", "classification")
 
@@ -65,6 +68,7 @@ class LoopConfig:
     weight_decay: float = 0.0
     warmup_steps: int = 10  # linear warm-up from 0 to lr
     schedule: str = "cosine"  # decay after warm-up: cosine, linear (to 0) or constant
+    optimizer: str = "adamw"  # adamw, adamw_8bit, or (CUDA only) paged_adamw_8bit / paged_adamw_32bit
     max_grad_norm: float | None = 1.0  # clip the global gradient norm; null disables
     precision: str = "fp32"  # fp32, or bf16 autocast (fast on GPUs and AMX CPUs, slower on others)
     gradient_checkpointing: bool = False  # recompute activations in the backward: less memory, ~30% slower
@@ -93,6 +97,8 @@ class LoopConfig:
         if self.max_grad_norm is not None and (not isinstance(self.max_grad_norm, (int, float))
                                                or self.max_grad_norm <= 0):
             found.append(f"train.max_grad_norm={self.max_grad_norm!r} must be positive or null")
+        if self.optimizer not in OPTIMIZERS:
+            found.append(f"train.optimizer={self.optimizer!r} is not one of {', '.join(OPTIMIZERS)}")
         if self.schedule not in SCHEDULES:
             found.append(f"train.schedule={self.schedule!r} is not one of {', '.join(SCHEDULES)}")
         if self.precision not in PRECISIONS:
@@ -123,7 +129,8 @@ class EvalConfig:
 @dataclasses.dataclass
 class TrainConfig:
     model: str = "smollm2-135m-instruct"  # embedded name, local HF directory, .gguf file or hub id
-    method: str = "lora"
+    method: str = "lora"  # lora, or qlora: LoRA over a 4-bit NF4 base (same as quantize: nf4)
+    quantize: str | None = None  # nf4: store the base's linear layers in 4 bits (QLoRA); null: full precision
     task: str = "auto"  # causal_lm or classification; auto: from the data format
     output: str = "runs/latest"  # the run directory
     lora: LoraConfig = dataclasses.field(default_factory=lambda: LoraConfig(r=16, alpha=32))
@@ -136,13 +143,20 @@ class TrainConfig:
         if not isinstance(self.model, str) or not self.model:
             found.append("model is required: an embedded name (smollm2-135m-instruct, minilm-l6), a local "
                          "model directory, a .gguf file or a hub id")
-        if self.method != "lora":
-            found.append(f"method={self.method!r} is not available yet; available: lora")
+        if self.method not in METHODS:
+            found.append(f"method={self.method!r} is not available yet; available: {', '.join(METHODS)}")
+        if self.quantize is not None and self.quantize not in QUANTIZATIONS:
+            found.append(f"quantize={self.quantize!r} is not one of {', '.join(QUANTIZATIONS)} (or null)")
         if self.task not in TASKS:
             found.append(f"task={self.task!r} is not one of {', '.join(TASKS)}")
         if not isinstance(self.output, str) or not self.output:
             found.append("output is required: the run directory")
         return found
+
+    @property
+    def quantization(self) -> str | None:
+        """The base's quantization: `quantize`, or nf4 for method qlora."""
+        return self.quantize or ("nf4" if self.method == "qlora" else None)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

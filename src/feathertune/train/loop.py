@@ -89,11 +89,18 @@ def _run(config: TrainConfig, resume: bool, procs: distributed.Processes, say) -
     say(f"loading {config.model} …")
     model, tokenizer = load_model(config.model, task=task, label_names=train_set.label_names)
     model.to(procs.device)
+    head = _classification_head(model) if task == "classification" else None
+    if config.quantization:
+        from feathertune.quant import quantize, quantized_bytes
+
+        # On the device, so CUDA gets CUDA kernels; a new classification head trains in full.
+        quantize(model, config.quantization, skip_modules=[head] if head else None)
+        held = quantized_bytes(model)
+        say(f"{config.quantization}: {held['layers']} linear layers in {held['bytes'] / 2**20:.1f} MiB "
+            f"({held['bytes_per_parameter']:.3f} bytes per parameter)")
     lora = config.lora
-    if task == "classification" and not lora.modules_to_save:
-        head = next((n for n in ("classifier", "score") if isinstance(getattr(model, n, None), nn.Module)), None)
-        if head:  # the new head starts random: it must train, and be saved with the adapter
-            lora = dataclasses.replace(lora, modules_to_save=[head])
+    if head and not lora.modules_to_save:  # the new head starts random: it must train, and be saved too
+        lora = dataclasses.replace(lora, modules_to_save=[head])
     torch.manual_seed(loop.seed)
     ft.attach(model, lora)
     if loop.gradient_checkpointing:
@@ -112,8 +119,7 @@ def _run(config: TrainConfig, resume: bool, procs: distributed.Processes, say) -
     steps_per_epoch = math.ceil(len(train_tok.rows) / global_batch)
     total_steps = loop.max_steps or max(1, math.ceil(loop.epochs * steps_per_epoch))
 
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=loop.lr,
-                                  weight_decay=loop.weight_decay)
+    optimizer = build_optimizer(loop, [p for p in model.parameters() if p.requires_grad], procs.device, say)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(loop.schedule, loop.warmup_steps, total_steps))
     start = 0
     if resume:
@@ -136,6 +142,8 @@ def _run(config: TrainConfig, resume: bool, procs: distributed.Processes, say) -
         # The base model's validation loss: the curve's starting point in loss.png.
         metrics.write({"step": 0, "eval_loss": _validation_loss(model, val_tok, pad_id, task, config.eval.batch_size)})
     model.train()
+    memory = PeakMemory(procs.device)
+    started = time.perf_counter()
     for step in range(start, total_steps):
         epoch, index = divmod(step, steps_per_epoch)
         if epoch not in epoch_cache:
@@ -174,6 +182,7 @@ def _run(config: TrainConfig, resume: bool, procs: distributed.Processes, say) -
                                   {"epoch": epoch, "total_steps": total_steps})
         distributed.barrier(procs)
     progress.close()
+    training = {"train_seconds": round(time.perf_counter() - started, 1), "peak_memory_mib": memory.peak_mib()}
 
     # 5. The adapter, then the evaluation and the report (main process only).
     adapter_dir = out / "adapter"
@@ -184,7 +193,8 @@ def _run(config: TrainConfig, resume: bool, procs: distributed.Processes, say) -
 
         result_metrics = final_report(model, tokenizer, config, task, val_set, val_tok, out, say,
                                       validation_loss=lambda: _validation_loss(model, val_tok, pad_id, task,
-                                                                               config.eval.batch_size))
+                                                                               config.eval.batch_size),
+                                      training=training)
         if metrics is not None and "eval_loss" in result_metrics:
             metrics.write({"step": total_steps, "eval_loss": result_metrics["eval_loss"]})
         metrics.close()
@@ -215,6 +225,56 @@ def _train_step(wrapped, model, data: Tokenized, batch: list[int], pad_id: int, 
         loss_sum += weight * summed.item()
         tokens += int(weight * inputs["attention_mask"].sum())
     return loss_sum, (denominator if procs.is_main else 0), tokens
+
+
+def _classification_head(model: nn.Module) -> str | None:
+    return next((n for n in ("classifier", "score") if isinstance(getattr(model, n, None), nn.Module)), None)
+
+
+def build_optimizer(loop, params: list[nn.Parameter], device: torch.device, say) -> torch.optim.Optimizer:
+    """AdamW, or one of bitsandbytes' 8-bit / paged variants (QLoRA's memory savers) where they apply."""
+    name = loop.optimizer
+    if name.startswith("paged_") and device.type != "cuda":
+        # Paging moves optimizer state between GPU and CPU memory under pressure: nothing to page on a CPU.
+        say(f"train.optimizer={name}: paging applies to CUDA memory only; on the CPU the optimizer is "
+            f"{'adamw_8bit' if name.endswith('8bit') else 'adamw'}")
+        name = "adamw_8bit" if name.endswith("8bit") else "adamw"
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=loop.lr, weight_decay=loop.weight_decay)
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        raise ConfigError(f"train.optimizer={loop.optimizer} needs bitsandbytes: pip install bitsandbytes",
+                          source="config") from None
+    optimizers = {"adamw_8bit": bnb.optim.AdamW8bit, "paged_adamw_8bit": bnb.optim.PagedAdamW8bit,
+                  "paged_adamw_32bit": bnb.optim.PagedAdamW32bit}
+    return optimizers[name](params, lr=loop.lr, weight_decay=loop.weight_decay)
+
+
+class PeakMemory:
+    """Peak memory of the training phase: CUDA's allocator peak, or the process's peak RSS on the CPU
+    (Linux's VmHWM, reset here so that loading and converting the model do not count)."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        else:
+            try:
+                Path("/proc/self/clear_refs").write_text("5")
+            except OSError:  # not Linux, or not allowed: the peak then includes loading
+                pass
+
+    def peak_mib(self) -> float | None:
+        if self.device.type == "cuda":
+            return round(torch.cuda.max_memory_allocated(self.device) / 2**20, 1)
+        try:
+            for line in Path("/proc/self/status").read_text().splitlines():
+                if line.startswith("VmHWM:"):
+                    return round(int(line.split()[1]) / 1024, 1)
+        except OSError:
+            pass
+        return None
 
 
 def _split(items: list[int], parts: int) -> list[list[int]]:

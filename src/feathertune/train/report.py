@@ -19,9 +19,11 @@ from feathertune import evaluate
 from feathertune.data import collate
 
 
-def final_report(model, tokenizer, config, task: str, val_set, val_tok, out: Path, say, validation_loss) -> dict:
+def final_report(model, tokenizer, config, task: str, val_set, val_tok, out: Path, say, validation_loss,
+                 training: dict | None = None) -> dict:
     """Evaluate, write eval.json and samples.md, print the summary; returns eval.json's content."""
-    results: dict = {"model": config.model, "method": config.method, "task": task}
+    results: dict = {"model": config.model, "method": config.method, "quantize": config.quantization,
+                     "task": task, **(training or {})}
     if val_set is None:
         results["note"] = "no validation file: set data.validation to measure the fine-tuned model"
         _write_json(out / "eval.json", results)
