@@ -27,7 +27,8 @@ def run_recipe(name: str, out: Path, monkeypatch) -> tuple[dict, float]:
 
 def test_e2e_recipe_beats_the_base_by_30_bleu(tmp_path, monkeypatch):
     scores, seconds = run_recipe("e2e-lora", tmp_path / "e2e", monkeypatch)
-    print(f"E2E: BLEU {scores['base_bleu']:.1f} -> {scores['bleu']:.1f} in {seconds / 60:.1f} min")
+    print(f"E2E: BLEU {scores['base_bleu']:.1f} -> {scores['bleu']:.1f} in {seconds / 60:.1f} min "
+          f"(training {scores['train_seconds']:.0f} s, peak memory {scores['peak_memory_mib']} MiB)")
     assert scores["bleu"] >= scores["base_bleu"] + 30, scores
 
 

@@ -17,6 +17,8 @@ takes either. bitsandbytes is imported only to quantize: it is an optional depen
 
 from __future__ import annotations
 
+import logging
+
 import copy
 import difflib
 import sys
@@ -239,12 +241,19 @@ def _compute_dtype(module: nn.Module) -> torch.dtype:
 
 
 def _bitsandbytes(caller: str):
+    # On AVX512-BF16 CPUs, bitsandbytes' import tries an optional kernel package and logs a warning
+    # when it is absent; feathertune turns that code path off (see quantize), so the warning is noise.
+    cpu_ops = logging.getLogger("bitsandbytes.backends.cpu.ops")
+    level = cpu_ops.level
+    cpu_ops.setLevel(logging.ERROR)
     try:
         import bitsandbytes
     except ImportError:
         raise ConfigError(f"{caller} needs bitsandbytes, which is not installed; install it with "
                           "`pip install bitsandbytes` (its 4-bit layers run on CPU and CUDA)",
                           source="quantize") from None
+    finally:
+        cpu_ops.setLevel(level)
     return bitsandbytes
 
 
