@@ -69,52 +69,15 @@ def _run(config: TrainConfig, resume: bool, procs: distributed.Processes, say) -
     out = Path(config.output)
     data_cfg, loop = config.data, config.train
     # 1. Data first: a bad file fails here, before anything is loaded or written.
-    train_set = read_examples(data_cfg.train, data_cfg.format, text_field=data_cfg.text_field,
-                              label_field=data_cfg.label_field)
-    val_set = None
-    if data_cfg.validation:
-        val_set = read_examples(data_cfg.validation, data_cfg.validation_format, text_field=data_cfg.text_field,
-                                label_field=data_cfg.label_field, label_names=train_set.label_names)
-        if data_cfg.max_validation:
-            val_set.items = val_set.items[: data_cfg.max_validation]
+    train_set, val_set = _read_data(config.data)
     task = _task(config.task, train_set.kind)
-    existing = state.checkpoints(out)
-    if resume and not existing:
-        raise ConfigError(f"{out}: no checkpoint to resume from; run without --resume to start", source="resume")
-    if not resume and (existing or (out / "adapter").exists()):
-        raise ConfigError(f"{out} already holds a run; pass --resume to continue it, or choose another "
-                          f"output (output=runs/NAME)", source="output")
-
+    existing = _check_output(out, resume)
     # 2. Model and adapter.
-    say(f"loading {config.model} …")
-    model, tokenizer = load_model(config.model, task=task, label_names=train_set.label_names)
-    model.to(procs.device)
-    head = _classification_head(model) if task == "classification" else None
-    if config.quantization:
-        from feathertune.quant import quantize, quantized_bytes
-
-        # On the device, so CUDA gets CUDA kernels; a new classification head trains in full.
-        quantize(model, config.quantization, skip_modules=[head] if head else None)
-        held = quantized_bytes(model)
-        say(f"{config.quantization}: {held['layers']} linear layers in {held['bytes'] / 2**20:.1f} MiB "
-            f"({held['bytes_per_parameter']:.3f} bytes per parameter)")
-    lora = config.lora
-    if head and not lora.modules_to_save:  # the new head starts random: it must train, and be saved too
-        lora = dataclasses.replace(lora, modules_to_save=[head])
-    torch.manual_seed(loop.seed)
-    ft.attach(model, lora)
-    if loop.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    trainable, total = ft.trainable_parameters(model)
-    say(f"{config.method}: training {trainable:,} of {total:,} parameters ({100 * trainable / total:.2f}%)")
+    model, tokenizer = _prepare_model(config, task, train_set.label_names, procs, say)
 
     # 3. Tokens and the step plan.
-    train_tok = tokenize_examples(train_set, tokenizer, data_cfg.max_length)
-    val_tok = tokenize_examples(val_set, tokenizer, data_cfg.max_length) if val_set else None
-    for name, tok in (("train", train_tok), ("validation", val_tok)):
-        if tok is not None and (tok.truncated or getattr(tok, "dropped", 0)):
-            say(f"{name}: {tok.truncated} examples truncated to {data_cfg.max_length} tokens, "
-                f"{getattr(tok, 'dropped', 0)} dropped (nothing left to learn from)")
+    train_tok = _tokenize("train", train_set, tokenizer, data_cfg.max_length, say)
+    val_tok = _tokenize("validation", val_set, tokenizer, data_cfg.max_length, say) if val_set else None
     global_batch = loop.batch_size * loop.grad_accum * procs.world
     steps_per_epoch = math.ceil(len(train_tok.rows) / global_batch)
     total_steps = loop.max_steps or max(1, math.ceil(loop.epochs * steps_per_epoch))
@@ -201,6 +164,64 @@ def _run(config: TrainConfig, resume: bool, procs: distributed.Processes, say) -
         plot_losses(out / "metrics.jsonl", out / "loss.png", title=f"{config.model} + {config.method}")
     distributed.barrier(procs)
     return RunResult(output=out, adapter=adapter_dir, steps=total_steps, metrics=result_metrics)
+
+
+def _read_data(data_cfg):
+    """Read and validate the training and validation files (every problem reported at once)."""
+    train_set = read_examples(data_cfg.train, data_cfg.format, text_field=data_cfg.text_field,
+                              label_field=data_cfg.label_field)
+    val_set = None
+    if data_cfg.validation:
+        val_set = read_examples(data_cfg.validation, data_cfg.validation_format, text_field=data_cfg.text_field,
+                                label_field=data_cfg.label_field, label_names=train_set.label_names)
+        if data_cfg.max_validation:
+            val_set.items = val_set.items[: data_cfg.max_validation]
+    return train_set, val_set
+
+
+def _check_output(out: Path, resume: bool) -> list[tuple[int, Path]]:
+    """The run directory's checkpoints; refuses to overwrite a run or to resume from nothing."""
+    existing = state.checkpoints(out)
+    if resume and not existing:
+        raise ConfigError(f"{out}: no checkpoint to resume from; run without --resume to start", source="resume")
+    if not resume and (existing or (out / "adapter").exists()):
+        raise ConfigError(f"{out} already holds a run; pass --resume to continue it, or choose another "
+                          f"output (output=runs/NAME)", source="output")
+    return existing
+
+
+def _prepare_model(config: TrainConfig, task: str, label_names, procs: distributed.Processes, say):
+    """Load the base (quantized if asked) onto this process's device and attach the adapter."""
+    say(f"loading {config.model} …")
+    model, tokenizer = load_model(config.model, task=task, label_names=label_names)
+    model.to(procs.device)
+    head = _classification_head(model) if task == "classification" else None
+    if config.quantization:
+        from feathertune.quant import quantize, quantized_bytes
+
+        # On the device, so CUDA gets CUDA kernels; a new classification head trains in full.
+        quantize(model, config.quantization, skip_modules=[head] if head else None)
+        held = quantized_bytes(model)
+        say(f"{config.quantization}: {held['layers']} linear layers in {held['bytes'] / 2**20:.1f} MiB "
+            f"({held['bytes_per_parameter']:.3f} bytes per parameter)")
+    lora = config.lora
+    if head and not lora.modules_to_save:  # the new head starts random: it must train, and be saved too
+        lora = dataclasses.replace(lora, modules_to_save=[head])
+    torch.manual_seed(config.train.seed)  # the adapter's initialisation is part of the run's seed
+    ft.attach(model, lora)
+    if config.train.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    trainable, total = ft.trainable_parameters(model)
+    say(f"{config.method}: training {trainable:,} of {total:,} parameters ({100 * trainable / total:.2f}%)")
+    return model, tokenizer
+
+
+def _tokenize(name: str, examples, tokenizer, max_length: int, say) -> Tokenized:
+    tokens = tokenize_examples(examples, tokenizer, max_length)
+    if tokens.truncated or getattr(tokens, "dropped", 0):
+        say(f"{name}: {tokens.truncated} examples truncated to {max_length} tokens, "
+            f"{getattr(tokens, 'dropped', 0)} dropped (nothing left to learn from)")
+    return tokens
 
 
 def _train_step(wrapped, model, data: Tokenized, batch: list[int], pad_id: int, task: str, loop, procs):
