@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -32,9 +30,9 @@ from feathertune.adapters import (
     set_trainable,
 )
 from feathertune.errors import AdapterMismatchError, ConfigError, UnsupportedAdapterError
+from feathertune.files import atomic_write
 from feathertune.methods import lora_peft
 from feathertune.methods.lora import LoraConfig, LoraLayer
-from feathertune.saved_modules import ModulesToSave
 from feathertune.targeting import name_matches
 from feathertune.wrapping import wrapped_layers
 
@@ -73,9 +71,9 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, name: str | Non
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
-    _atomic_write(directory / WEIGHTS_FILE, lambda path: save_file(tensors, path, metadata={"format": "pt"}))
+    atomic_write(directory / WEIGHTS_FILE, lambda path: save_file(tensors, path, metadata={"format": "pt"}))
     text = json.dumps(peft_config, indent=2, sort_keys=True) + "\n"
-    _atomic_write(directory / CONFIG_FILE, lambda path: Path(path).write_text(text))
+    atomic_write(directory / CONFIG_FILE, lambda path: Path(path).write_text(text))
     return directory
 
 
@@ -262,17 +260,3 @@ def _read_tensors(directory: Path) -> dict[str, torch.Tensor]:
         raise FileNotFoundError(f"{path}: missing{hint}")
     with safe_open(str(path), framework="pt") as f:
         return {key: f.get_tensor(key) for key in f.keys()}
-
-
-def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
-    """Write through a temporary file in the same directory, then rename over `path`."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

@@ -13,15 +13,14 @@ import math
 import os
 import re
 import sys
-import tempfile
 from collections.abc import Iterable, Iterator
-from pathlib import Path
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
 from feathertune.errors import ConfigError, DataError
+from feathertune.files import write_atomic
 
 IGNORE_INDEX = -100  # labels with this value are not supervised (prompt tokens, padding)
 
@@ -228,28 +227,6 @@ def accuracy(model, batches: Iterable[dict[str, torch.Tensor]]) -> float:
 
 
 # --- files ------------------------------------------------------------------------------------
-
-
-def write_atomic(path: str | os.PathLike, data: str | bytes) -> None:
-    """Write a file so that readers see the old or the new content, never half of one.
-
-    The data goes to a temporary file in the same directory (os.replace is atomic only within one
-    file system), which then replaces `path`. Parent directories are created.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data.encode("utf-8") if isinstance(data, str) else data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-
 
 SAMPLE_FIELDS = ("prompt", "reference", "base", "tuned")
 _SAMPLE_HEADINGS = {"base": "Base model", "tuned": "Fine-tuned", "reference": "Reference"}

@@ -27,6 +27,7 @@ from torch import nn
 import feathertune as ft
 from feathertune.data import Tokenized, batch_indices, collate, read_examples, tokenize_examples
 from feathertune.errors import ConfigError, FeathertuneError
+from feathertune.files import write_atomic
 from feathertune.models import load_model
 from feathertune.train import distributed, state
 from feathertune.train.config import TrainConfig
@@ -92,7 +93,7 @@ def _run(config: TrainConfig, resume: bool, procs: distributed.Processes, say) -
         say(f"resuming from {path} (step {step} of {total_steps})")
     if procs.is_main:
         out.mkdir(parents=True, exist_ok=True)
-        _write_text(out / "config.yaml", config.to_yaml())
+        write_atomic(out / "config.yaml", config.to_yaml())
     metrics = MetricsLog(out / "metrics.jsonl", resume_from_step=start) if procs.is_main else None
     wrapped = _ddp(model, procs)
 
@@ -417,9 +418,3 @@ def _progress(procs: distributed.Processes, start: int, total: int):
 
     return tqdm(total=total, initial=start, desc="training", unit="step", disable=not procs.is_main,
                 file=sys.stderr, dynamic_ncols=True)
-
-
-def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    tmp.replace(path)

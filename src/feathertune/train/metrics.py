@@ -15,7 +15,7 @@ import os
 from pathlib import Path
 
 from feathertune.errors import ConfigError, DataError
-from feathertune.evaluate import write_atomic
+from feathertune.files import write_atomic
 
 Y_LABEL = "loss (cross-entropy per supervised token)"
 

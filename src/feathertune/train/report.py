@@ -17,6 +17,7 @@ import torch
 import feathertune as ft
 from feathertune import evaluate
 from feathertune.data import collate
+from feathertune.files import write_atomic
 
 
 def final_report(model, tokenizer, config, task: str, val_set, val_tok, out: Path, say, validation_loss,
@@ -26,7 +27,7 @@ def final_report(model, tokenizer, config, task: str, val_set, val_tok, out: Pat
                      "task": task, **(training or {})}
     if val_set is None:
         results["note"] = "no validation file: set data.validation to measure the fine-tuned model"
-        _write_json(out / "eval.json", results)
+        _write_eval(out, results)
         say(f"run directory: {out}")
         return results
     results["eval_loss"] = validation_loss()
@@ -38,7 +39,7 @@ def final_report(model, tokenizer, config, task: str, val_set, val_tok, out: Pat
         if config.eval.compare_base:
             with ft.disabled(model):  # the base with its new, untrained head: chance level
                 results["base_accuracy"] = evaluate.accuracy(model, _progress(batches, "base accuracy"))
-        _write_json(out / "eval.json", results)
+        _write_eval(out, results)
         base = f"{100 * results['base_accuracy']:.1f}% (untrained head) → " if "base_accuracy" in results else ""
         say(f"validation accuracy: {base}{100 * results['accuracy']:.1f}% fine-tuned")
         say(f"run directory: {out}")
@@ -57,7 +58,7 @@ def final_report(model, tokenizer, config, task: str, val_set, val_tok, out: Pat
     rows = [{"prompt": c[-1]["content"], "reference": r[0], "base": b, "tuned": t}
             for c, r, b, t in zip(conversations, references, base or [""] * len(tuned), tuned)]
     evaluate.write_samples(out / "samples.md", rows[: max(config.eval.samples, 10)])
-    _write_json(out / "eval.json", results)
+    _write_eval(out, results)
     if base is not None:
         say(f"validation BLEU: base {results['base_bleu']:.1f} → fine-tuned {results['bleu']:.1f} "
             f"({results['bleu'] - results['base_bleu']:+.1f}); loss {results['eval_loss']:.3f}")
@@ -95,12 +96,6 @@ def _batches(data, pad_id: int, batch_size: int, device: torch.device | str = "c
             for i in range(0, len(data.rows), batch_size)]
 
 
-def _write_json(path: Path, values: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(values, indent=2) + "\n")
-    tmp.replace(path)
-
-
 def evaluate_run(model_name: str, adapter: Path | None, *, data: str | None, config=None) -> dict:
     """`feathertune eval`: loss and BLEU (or accuracy) of an adapter on a data file."""
     from feathertune.data import read_examples, tokenize_examples
@@ -129,3 +124,7 @@ def evaluate_run(model_name: str, adapter: Path | None, *, data: str | None, con
         answers = evaluate.generate(model, tokenizer, examples.conversations())
         results["bleu"] = evaluate.bleu(answers, examples.references())
     return results
+
+
+def _write_eval(out: Path, results: dict) -> None:
+    write_atomic(out / "eval.json", json.dumps(results, indent=2) + "\n")
