@@ -105,3 +105,22 @@ def test_quickstart_example_runs(capsys):
     out = capsys.readouterr().out
     losses = [float(line.split()[-1]) for line in out.splitlines() if line.startswith("step")]
     assert losses[-1] < 0.5 * losses[0], out
+
+
+def test_checkpoint_tensors_restore_a_pissa_adapter_exactly():
+    """Resuming puts [A; A0], [B, -B0] back where they came from, frozen PiSSA factors included."""
+    from feathertune.checkpoint import peft_tensors, restore_tensors
+
+    config = ft.LoraConfig(r=4, alpha=8, dropout=0.0, init="pissa", use_rslora=True,
+                           target_modules=["q_proj", "down_proj"])
+    model = ft.attach(tiny_llama(), config)
+    _perturb(model, seed=1)
+    saved = {k: v.detach().clone() for k, v in peft_tensors(model, "default").items()}
+    other = ft.attach(tiny_llama(), config)
+    _perturb(other, seed=2)
+    restore_tensors(other, "default", saved, "test")
+    ours, theirs = model.state_dict(), other.state_dict()
+    assert ours.keys() == theirs.keys()
+    assert all(torch.equal(ours[k], theirs[k]) for k in ours)
+    with pytest.raises(ft.AdapterMismatchError, match="lacks"):
+        restore_tensors(other, "default", dict(list(saved.items())[1:]), "test")

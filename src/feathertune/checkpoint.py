@@ -55,18 +55,9 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, name: str | Non
     config = state.configs[name]
     if not isinstance(config, LoraConfig):
         raise ConfigError(f"saving {type(config).__name__} adapters is not implemented yet", source="save_adapter")
-    tensors: dict[str, torch.Tensor] = {}
-    adapted = []
-    for module_name, layer in wrapped_layers(model):
-        if isinstance(layer, LoraLayer) and name in layer.lora:
-            adapted.append(module_name)
-            for suffix, tensor in lora_peft.adapter_tensors(layer, name).items():
-                tensors[f"{PREFIX}{module_name}.{suffix}"] = tensor
+    tensors = peft_tensors(model, name)
+    adapted = [n for n, layer in wrapped_layers(model) if isinstance(layer, LoraLayer) and name in layer.lora]
     saved = saved_module_names(model, name)
-    for module_name in saved:
-        layer = model.get_submodule(module_name)
-        for key, tensor in layer.copies[name].state_dict().items():
-            tensors[f"{PREFIX}{module_name}.{key}"] = tensor
     peft_config = lora_peft.config_to_peft(model, config, name, adapted, saved)
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -75,6 +66,37 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, name: str | Non
     text = json.dumps(peft_config, indent=2, sort_keys=True) + "\n"
     atomic_write(directory / CONFIG_FILE, lambda path: Path(path).write_text(text))
     return directory
+
+
+def peft_tensors(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
+    """Adapter `name`'s tensors under PEFT's names: what save_adapter writes."""
+    tensors: dict[str, torch.Tensor] = {}
+    for module_name, layer in wrapped_layers(model):
+        if isinstance(layer, LoraLayer) and name in layer.lora:
+            for suffix, tensor in lora_peft.adapter_tensors(layer, name).items():
+                tensors[f"{PREFIX}{module_name}.{suffix}"] = tensor
+    for module_name in saved_module_names(model, name):
+        for key, tensor in model.get_submodule(module_name).copies[name].state_dict().items():
+            tensors[f"{PREFIX}{module_name}.{key}"] = tensor
+    return tensors
+
+
+@torch.no_grad()
+def restore_tensors(model: nn.Module, name: str, tensors: dict[str, torch.Tensor], where: str) -> None:
+    """Put tensors saved from this very adapter (a training checkpoint) back into its parameters."""
+    missing = sorted(set(peft_tensors(model, name)) - set(tensors))
+    if missing:
+        raise AdapterMismatchError(f"{where}: lacks {len(missing)} tensors of this run's adapter (first: "
+                                   f"{missing[0]}); was the config changed since the checkpoint?")
+    for module_name, layer in wrapped_layers(model):
+        if isinstance(layer, LoraLayer) and name in layer.lora:
+            prefix = f"{PREFIX}{module_name}."
+            lora_peft.restore_adapter_tensors(layer, name, {k[len(prefix):]: v for k, v in tensors.items()
+                                                            if k.startswith(prefix)})
+    for module_name in saved_module_names(model, name):
+        copy = model.get_submodule(module_name).copies[name]
+        for key, target in copy.state_dict().items():
+            target.copy_(tensors[f"{PREFIX}{module_name}.{key}"])
 
 
 def load_adapter(model: nn.Module, directory: str | os.PathLike, name: str = "default",

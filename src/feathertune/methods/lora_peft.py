@@ -102,6 +102,22 @@ def adapter_tensors(layer: LoraLayer, name: str) -> dict[str, torch.Tensor]:
     return {suffixes(layer)[k]: v for k, v in found.items() if v is not None}
 
 
+def restore_adapter_tensors(layer: LoraLayer, name: str, tensors: dict[str, torch.Tensor]) -> None:
+    """Inverse of adapter_tensors on the same adapter: PiSSA's [A; A0], [B, −B0] are split back."""
+    adapter = layer.lora[name]
+    names = suffixes(layer)
+    A, B = tensors[names["A"]], tensors[names["B"]]
+    r = adapter.rank
+    adapter.A.copy_(A[:r])
+    adapter.B.copy_(B[:, :r])
+    if adapter.A0 is not None:  # the frozen starting factors travel in the file as the extra rank
+        adapter.A0.copy_(A[r:])
+        adapter.B0.copy_(-B[:, r:])
+    for field in ("magnitude", "bias"):
+        if getattr(adapter, field) is not None:
+            getattr(adapter, field).copy_(tensors[names[field]])
+
+
 def file_rank_and_alpha(layer: LoraLayer, name: str, config: LoraConfig, module_name: str) -> tuple[int, float]:
     """(r, alpha) to write for this module, such that PEFT computes the same scale from them."""
     adapter = layer.lora[name]

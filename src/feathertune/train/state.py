@@ -24,11 +24,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 import feathertune as ft
-from feathertune.checkpoint import PREFIX, WEIGHTS_FILE
-from feathertune.methods import lora_peft
-from feathertune.methods.lora import LoraLayer
-from feathertune.saved_modules import ModulesToSave
-from feathertune.wrapping import wrapped_layers
+from feathertune.checkpoint import WEIGHTS_FILE, restore_tensors
 
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 
@@ -94,24 +90,7 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
 
 def _copy_adapter_weights(model: nn.Module, adapter_dir: Path) -> None:
     """Load the checkpoint's adapter tensors into the model's (already attached, trainable) adapter."""
-    saved = load_file(str(adapter_dir / WEIGHTS_FILE))
-    expected = {}
-    for name, layer in wrapped_layers(model):
-        if isinstance(layer, LoraLayer):
-            for adapter_name in layer.adapter_names():
-                for suffix, tensor in lora_peft.adapter_tensors(layer, adapter_name).items():
-                    expected[f"{PREFIX}{name}.{suffix}"] = tensor
-        elif isinstance(layer, ModulesToSave):
-            for adapter_name in layer.adapter_names():
-                for key, tensor in layer.copies[adapter_name].state_dict().items():
-                    expected[f"{PREFIX}{name}.{key}"] = tensor
-    missing = sorted(set(expected) - set(saved))
-    if missing:
-        raise ft.AdapterMismatchError(f"{adapter_dir}: checkpoint lacks {len(missing)} tensors of this run's "
-                                      f"adapter (first: {missing[0]}); was the config changed since?")
-    with torch.no_grad():
-        for key, tensor in expected.items():
-            tensor.copy_(saved[key])
+    restore_tensors(model, "default", load_file(str(adapter_dir / WEIGHTS_FILE)), str(adapter_dir))
 
 
 def _optimizer_to_flat(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
