@@ -35,6 +35,7 @@ class AdapterState:
     modules: dict[str, list[str]] = dataclasses.field(default_factory=dict)  # adapted module names
     active: list[str] = dataclasses.field(default_factory=list)
     hook: object | None = None  # the forward pre-hook that reads `adapter_names=`
+    mixed_batch: bool = False  # the layers hold per-row adapter names from the last forward
 
 
 def adapter_state(model: nn.Module) -> AdapterState:
@@ -266,11 +267,15 @@ def _forget(model: nn.Module) -> None:
 def _read_adapter_names(model: nn.Module, args: tuple, kwargs: dict):
     """Forward pre-hook: `model(..., adapter_names=[...])` runs one adapter per row of the batch."""
     names = kwargs.pop("adapter_names", None)
+    state = adapter_state(model)
+    if names is None and not state.mixed_batch:
+        return args, kwargs  # the common case: nothing to set, nothing left over to clear
     layers = [layer for _, layer in wrapped_layers(model)]
     if names is not None:
         _check_batch_names(model, names, args, kwargs, layers)
-    for layer in layers:  # always reset, so a failed earlier forward leaves nothing behind
+    for layer in layers:  # reset after a mixed batch too, even one whose forward failed
         layer.batch_adapter_names = None if names is None else list(names)
+    state.mixed_batch = names is not None
     return args, kwargs
 
 

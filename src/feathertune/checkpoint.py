@@ -170,7 +170,7 @@ def _plan_lora(model: nn.Module, tensors: dict[str, torch.Tensor], config: LoraC
         if path not in modules:
             unplaced.append(f"{PREFIX}{path}.* (this model has no module {path!r})")
         elif "lora_A.weight" not in parts and "lora_embedding_A" not in parts:
-            if set(parts) == {"base_layer.weight"}:
+            if set(parts) == {lora_peft.EMBEDDING_COPY}:
                 plan.ignored.append(path)  # PEFT saves a targeted embedding's base weight; we keep ours
             else:
                 unplaced.append(f"{PREFIX}{path}.* (no lora_A tensor for this module)")
@@ -185,15 +185,14 @@ def _plan_lora(model: nn.Module, tensors: dict[str, torch.Tensor], config: LoraC
     return plan
 
 
-_LORA_SUFFIXES = ("lora_A.weight", "lora_B.weight", "lora_embedding_A", "lora_embedding_B",
-                  "lora_magnitude_vector.weight", "lora_magnitude_vector", "base_layer.bias", "base_layer.weight")
-
-
 def _split_lora_key(rest: str) -> tuple[str | None, str]:
-    for suffix in _LORA_SUFFIXES:
+    """('<module path>', suffix) for a LoRA tensor key, or (None, '') for anything else."""
+    for suffix in lora_peft.FILE_SUFFIXES:
         if rest.endswith("." + suffix):
-            # Older PEFT files name the magnitude 'lora_magnitude_vector.weight'.
-            return rest[: -len(suffix) - 1], suffix.replace("lora_magnitude_vector.weight", "lora_magnitude_vector")
+            path = rest[: -len(suffix) - 1]
+            if suffix == lora_peft.LEGACY_MAGNITUDE:
+                suffix = lora_peft.TENSOR_SUFFIXES["magnitude"]
+            return path, suffix
     return None, ""
 
 
@@ -227,7 +226,7 @@ def _copy_tensors(model: nn.Module, name: str, tensors: dict[str, torch.Tensor],
             problems.append(f"{key}: file has shape {tuple(tensor.shape)}, this model needs "
                             f"{tuple(expected[key].shape)}")
     for path in plan.ignored:
-        key = f"{PREFIX}{path}.base_layer.weight"
+        key = f"{PREFIX}{path}.{lora_peft.EMBEDDING_COPY}"
         ours = model.get_submodule(path)
         ours = getattr(ours, "base", ours).weight
         if tuple(tensors[key].shape) != tuple(ours.shape):

@@ -487,16 +487,3 @@ def attach_lora(model: nn.Module, config: LoraConfig, name: str, *, init: bool =
             r = ranks[target]
         module.add_adapter(name, r, alpha, config, init=init)
     return targets
-
-
-# PEFT's tensor names for each LoraAdapter field, after "<module path>."
-PEFT_NAMES = {"A": "lora_A.weight", "B": "lora_B.weight", "magnitude": "lora_magnitude_vector",
-              "bias": "base_layer.bias"}
-PEFT_EMBEDDING_NAMES = {"A": "lora_embedding_A", "B": "lora_embedding_B"}
-
-
-def peft_tensor_names(layer: LoraLayer) -> dict[str, str]:
-    """Map of LoraAdapter field -> PEFT tensor suffix for this kind of layer."""
-    if isinstance(layer, LoraEmbedding):
-        return {**PEFT_NAMES, **PEFT_EMBEDDING_NAMES}
-    return PEFT_NAMES

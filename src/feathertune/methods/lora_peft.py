@@ -24,6 +24,11 @@ PEFT_TYPE = "LORA"
 TENSOR_SUFFIXES = {"A": "lora_A.weight", "B": "lora_B.weight", "magnitude": "lora_magnitude_vector",
                    "bias": "base_layer.bias"}
 EMBEDDING_SUFFIXES = {**TENSOR_SUFFIXES, "A": "lora_embedding_A", "B": "lora_embedding_B"}
+LEGACY_MAGNITUDE = "lora_magnitude_vector.weight"  # older PEFT files name the magnitude so
+EMBEDDING_COPY = "base_layer.weight"  # PEFT saves a targeted embedding's base weight beside its LoRA
+# Every tensor suffix a PEFT LoRA file may hold after "<module path>.".
+FILE_SUFFIXES = (*dict.fromkeys([*TENSOR_SUFFIXES.values(), *EMBEDDING_SUFFIXES.values()]),
+                 LEGACY_MAGNITUDE, EMBEDDING_COPY)
 
 # PEFT LoraConfig keys feathertune reads, or that only describe the file (no effect on the maths).
 USED_KEYS = {"peft_type", "r", "lora_alpha", "lora_dropout", "target_modules", "rank_pattern",
