@@ -8,62 +8,19 @@ import os
 import shutil
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
-from models import tiny_chat_model_dir
-from safetensors.torch import load_file
+from runs import adapter_tensors, make_workspace, metric_steps, sst2_slice, train_until_killed, write_config
 
 import feathertune as ft
 from feathertune.cli import main as cli
 
-REPO = Path(__file__).resolve().parents[1]
-E2E = REPO / "data" / "e2e"
-SST2 = REPO / "data" / "sst2"
-
-
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
     return make_workspace(tmp_path_factory.mktemp("train"))
-
-
-def make_workspace(root: Path):
-    """A tiny chat model, 48 E2E training examples, 4 validation MRs, and a config using them."""
-    train_lines = (E2E / "train.jsonl").read_text().splitlines()[:48]
-    val_lines = (E2E / "validation.jsonl").read_text().splitlines()[:4]
-    (root / "train.jsonl").write_text("\n".join(train_lines) + "\n")
-    (root / "validation.jsonl").write_text("\n".join(val_lines) + "\n")
-    corpus = [m["content"] for line in train_lines for m in json.loads(line)["messages"]]
-    tiny_chat_model_dir(root / "model", corpus)
-    config = {
-        "model": str(root / "model"),
-        "lora": {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": "all-linear"},
-        "data": {"train": str(root / "train.jsonl"), "validation": str(root / "validation.jsonl"),
-                 "max_length": 256},
-        "train": {"max_steps": 6, "batch_size": 4, "lr": 5e-3, "warmup_steps": 1, "checkpoint_every": 2,
-                  "seed": 3},
-        "eval": {"max_new_tokens": 8, "batch_size": 4, "samples": 1},
-    }
-    return root, config
-
-
-def write_config(root: Path, config: dict, name: str, **sections) -> Path:
-    merged = json.loads(json.dumps(config))
-    for key, value in sections.items():
-        if isinstance(value, dict):
-            merged[key] = {**merged.get(key, {}), **value}
-        else:
-            merged[key] = value
-    path = root / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(merged))
-    return path
-
-
-def adapter_tensors(run: Path) -> dict[str, torch.Tensor]:
-    return load_file(str(run / "adapter" / "adapter_model.safetensors"))
 
 
 def test_a_run_writes_every_artifact_and_learns(workspace):
@@ -94,25 +51,7 @@ def test_resume_after_sigkill_ends_with_the_same_adapter(workspace):
 
     out = root / "runs" / "killed"
     cfg = write_config(root, config, "killed", output=str(out))
-    killer = textwrap.dedent(f"""
-        import os, signal, sys
-        from feathertune.train import state, loop
-        saves = []
-        original = state.save_checkpoint
-        def save_then_count(*args, **kwargs):
-            saves.append(original(*args, **kwargs))
-            return saves[-1]
-        state.save_checkpoint = save_then_count
-        original_step = loop._train_step
-        def step(*args, **kwargs):
-            if len(saves) == 2:  # the step after the second checkpoint: die mid-run
-                os.kill(os.getpid(), signal.SIGKILL)
-            return original_step(*args, **kwargs)
-        loop._train_step = step
-        from feathertune.cli import main
-        sys.exit(main(["train", {str(cfg)!r}]))
-    """)
-    killed = subprocess.run([sys.executable, "-c", killer], capture_output=True, text=True, timeout=300)
+    killed = train_until_killed([str(cfg)])
     assert killed.returncode == -9, killed.stderr[-2000:]
     assert not (out / "adapter").exists()
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-000002", "step-000004"]
@@ -122,9 +61,7 @@ def test_resume_after_sigkill_ends_with_the_same_adapter(workspace):
     ours, theirs = adapter_tensors(out), adapter_tensors(reference)
     assert ours.keys() == theirs.keys()
     assert max((ours[k] - theirs[k]).abs().max().item() for k in ours) <= 1e-6
-    steps = [json.loads(line).get("step") for line in (out / "metrics.jsonl").read_text().splitlines()
-             if "loss" in json.loads(line)]
-    assert steps == [1, 2, 3, 4, 5, 6]  # nothing duplicated or lost around the kill
+    assert metric_steps(out) == [1, 2, 3, 4, 5, 6]  # nothing duplicated or lost around the kill
 
 
 def test_an_existing_run_is_not_overwritten_and_resume_needs_a_checkpoint(workspace, capsys):
@@ -281,14 +218,12 @@ def test_an_attached_model_trains_under_transformers_trainer(workspace, tmp_path
 def test_a_classification_run_trains_the_head_and_reports_accuracy(workspace):
     """MiniLM (embedded) + LoRA on a few SST-2 sentences: the new head is trained and saved too."""
     root, config = workspace
-    rows = (SST2 / "train.tsv").read_text().splitlines()
-    (root / "sst-train.tsv").write_text("\n".join(rows[:65]) + "\n")
-    (root / "sst-dev.tsv").write_text("\n".join([rows[0]] + rows[100:120]) + "\n")
+    train, dev = sst2_slice(root)
     out = root / "runs" / "sst"
     result = ft.run(ft.TrainConfig.from_dict({
         "model": "minilm-l6", "output": str(out),
         "lora": {"r": 4, "alpha": 8, "target_modules": ["query", "value"]},
-        "data": {"train": str(root / "sst-train.tsv"), "validation": str(root / "sst-dev.tsv"), "max_length": 32},
+        "data": {"train": str(train), "validation": str(dev), "max_length": 32},
         "train": {"max_steps": 3, "batch_size": 8, "lr": 1e-3, "checkpoint_every": 0},
     }), log=lambda *_: None)
     assert 0.0 <= result.metrics["accuracy"] <= 1.0 and "base_accuracy" in result.metrics
