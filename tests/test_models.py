@@ -138,6 +138,9 @@ def test_feathertune_home(monkeypatch, tmp_path):
     monkeypatch.setenv("FEATHERTUNE_HOME", str(tmp_path))
     assert feathertune_home() == tmp_path
     assert feathertune_home(tmp_path / "x") == tmp_path / "x"
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("FEATHERTUNE_HOME", "relative")
+    assert feathertune_home() == tmp_path / "relative"  # absolute: adapters record paths under it
     monkeypatch.delenv("FEATHERTUNE_HOME")
     assert feathertune_home().parts[-2:] == (".cache", "feathertune")
 
@@ -160,6 +163,9 @@ def test_smollm2_converts_once_then_loads_from_cache(tmp_path):
     assert "quantization_config" not in json.loads((cache / "config.json").read_text())
     assert type(model).__name__ == "LlamaForCausalLM" and model.config.num_hidden_layers == 30
     assert tokenizer.chat_template and tokenizer.pad_token is not None
+    # Adapters record the converted directory as their base: a path PEFT loads offline, readable by all.
+    assert model.config.name_or_path == str(cache)
+    assert all(p.stat().st_mode & 0o044 == 0o044 for p in cache.iterdir())
 
     start = time.perf_counter()
     again, _ = load_model("smollm2-135m-instruct", home=tmp_path)

@@ -279,7 +279,9 @@ def test_adapter_config_json_has_peft_keys(case: Case, tmp_path):
     assert values["lora_dropout"] == 0.0
     assert values["bias"] == "none"
     assert (values["modules_to_save"] or []) == case.ft.get("modules_to_save", [])
-    assert values["task_type"] == ("CAUSAL_LM" if case.model == "llama" else None)
+    # SEQ_CLS tells PEFT the head is saved with the adapter: only when it is.
+    head_saved = "classifier" in case.ft.get("modules_to_save", [])
+    assert values["task_type"] == {"llama": "CAUSAL_LM", "bert": "SEQ_CLS" if head_saved else None}.get(case.model)
     # PEFT parses it into the same config.
     config = peft.LoraConfig.from_pretrained(str(tmp_path))
     assert (config.peft_type, config.r, config.lora_alpha) == ("LORA", case.ft["r"], case.ft["alpha"])

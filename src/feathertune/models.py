@@ -9,6 +9,7 @@ transformers is imported inside the functions: it is an optional extra of feathe
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
 import fcntl
@@ -16,17 +17,21 @@ import hashlib
 import importlib.util
 import logging
 import os
+import re
 import shutil
+import socket
 import sys
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
+from urllib.parse import urlparse
 
 import torch
 from torch import nn
 
 from feathertune.errors import ConfigError
+from feathertune.files import usual_modes
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -57,16 +62,20 @@ EMBEDDED: dict[str, EmbeddedModel] = {
 }
 
 KINDS = (f"an embedded model ({', '.join(map(repr, EMBEDDED))}), a local Hugging Face model "
-         "directory (with config.json), a path to a .gguf file, or a Hugging Face hub id "
+         "directory (with config.json), a path to a .gguf file, or a Hugging Face hub id org/name "
          "(which needs network access or the model in the local HF cache)")
+# What the hub accepts as a repository id: "org/name". Anything else is never sent to the hub, so a
+# typo in an embedded name fails at once instead of after a minute of retries.
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]{0,95}/[\w.-]{1,96}")
 
 
 def feathertune_home(home: str | os.PathLike | None = None) -> Path:
-    """Where feathertune caches converted models: `home`, else $FEATHERTUNE_HOME, else
-    ~/.cache/feathertune. Nothing is created here; the cache creates what it writes."""
+    """Where feathertune caches converted models, as an absolute path: `home`, else
+    $FEATHERTUNE_HOME, else ~/.cache/feathertune. Nothing is created here; the cache creates what
+    it writes."""
     if home is None:
         home = os.environ.get("FEATHERTUNE_HOME") or Path.home() / ".cache" / "feathertune"
-    return Path(home).expanduser()
+    return Path(home).expanduser().absolute()
 
 
 def load_model(name: str, *, task: str = "causal_lm", num_labels: int | None = None,
@@ -104,28 +113,99 @@ def load_model(name: str, *, task: str = "causal_lm", num_labels: int | None = N
                       label2id={n: i for i, n in enumerate(label_names)})
     elif num_labels is not None:
         kwargs["num_labels"] = num_labels
-    offline = {}
-    if hub and any(os.environ.get(v, "").upper() in ("1", "ON", "YES", "TRUE")
-                   for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")):
-        # huggingface_hub reads HF_HUB_OFFLINE once, at import: honour it when set later. The PEFT
-        # adapter lookup does not get local_files_only, so it is given it too (else ~45 s of retries).
-        offline = {"local_files_only": True}
+    offline, unreachable = {}, None
+    if hub:
+        unreachable = None if _offline_by_choice() else _unreachable_hub()
+        if _offline_by_choice() or unreachable:
+            # Only the local HF cache, then. huggingface_hub reads HF_HUB_OFFLINE once, at import, and
+            # retries an unreachable hub for about a minute; the PEFT adapter lookup needs telling too.
+            offline = {"local_files_only": True}
     try:
-        model = _quiet_from_pretrained(auto, source, task, **kwargs, **offline,
-                                       **({"adapter_kwargs": offline} if offline else {}))
-        tokenizer = AutoTokenizer.from_pretrained(source, **offline)
+        with transformers_bars_off(), _hub_offline(bool(offline)):
+            model = _quiet_from_pretrained(auto, source, task, **kwargs, **offline,
+                                           **({"adapter_kwargs": offline} if offline else {}))
+            tokenizer = AutoTokenizer.from_pretrained(source, **offline)
     except Exception as exc:  # transformers raises OSError, ValueError, KeyError, RuntimeError, …
+        if unreachable:
+            raise ConfigError(f"could not load name={name!r}: {unreachable}, and the model is not in the local "
+                              f"HF cache ({_hub_cache()}); download it once where there is a network, or give "
+                              f"a local model directory", source="load_model") from None
         hint = difflib.get_close_matches(name, EMBEDDED, n=1, cutoff=0.5)
         raise ConfigError(f"could not load name={name!r} ({_one_line(exc)}); name must be {KINDS}"
                           + (f" (did you mean {hint[0]!r}?)" if hint else ""), source="load_model") from None
     _set_pad_token(model, tokenizer, name)
-    if name in EMBEDDED:  # adapters record this as their base: a name that loads anywhere feathertune is
-        model.config.name_or_path = name
+    # model.config.name_or_path stays the directory the model was loaded from (the converted cache for
+    # embedded GGUF models): adapters record it as their base, and PEFT loads it offline from there.
     if quantize is not None:
         from feathertune.quant import quantize as quantize_model
 
         quantize_model(model, quantize, compute_dtype=dtype)
     return model.eval(), tokenizer
+
+
+def embedded_name_of(path: str) -> str | None:
+    """The embedded model a base path that adapters record belongs to (its conversion cache or its
+    package directory on some machine), or None."""
+    parts = Path(path).parts
+    for name, embedded in EMBEDDED.items():
+        if parts[-2:] == ("models", name) or parts[-2:] == (embedded.package, embedded.path):
+            return name
+    return None
+
+
+@contextlib.contextmanager
+def transformers_bars_off() -> Iterator[None]:
+    """No "Loading weights" / "Writing model shards" bars from transformers inside the block:
+    feathertune says what it loads. The hub's download bars keep their setting."""
+    from huggingface_hub.utils import are_progress_bars_disabled, enable_progress_bars
+    from transformers.utils import logging as hf_logging
+
+    was_on, hub_was_on = hf_logging.is_progress_bar_enabled(), not are_progress_bars_disabled()
+    hf_logging.disable_progress_bar()  # turns the hub's off too
+    if hub_was_on:
+        enable_progress_bars()
+    try:
+        yield
+    finally:
+        if was_on:
+            hf_logging.enable_progress_bar()
+
+
+def _offline_by_choice() -> bool:
+    return any(os.environ.get(v, "").upper() in ("1", "ON", "YES", "TRUE")
+               for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+
+
+def _unreachable_hub(timeout: float = 3.0) -> str | None:
+    """Why the hub cannot be reached ("no network: …"), or None if a connection opens. One quick
+    try: transformers' own requests retry for a minute before they give up."""
+    endpoint = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    host, port = endpoint.hostname or "huggingface.co", endpoint.port or (80 if endpoint.scheme == "http" else 443)
+    try:
+        socket.create_connection((host, port), timeout=timeout).close()
+    except OSError as exc:
+        return f"the hub ({host}) cannot be reached (no network? {exc.strerror or exc})"
+    return None
+
+
+@contextlib.contextmanager
+def _hub_offline(offline: bool) -> Iterator[None]:
+    """huggingface_hub in offline mode inside the block, as HF_HUB_OFFLINE=1 at import would have set
+    it: besides downloads, it also fetches metadata of its own (its agent registry) once a process."""
+    from huggingface_hub import constants
+
+    was = constants.HF_HUB_OFFLINE
+    constants.HF_HUB_OFFLINE = was or offline
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = was
+
+
+def _hub_cache() -> str:
+    from huggingface_hub import constants
+
+    return str(constants.HF_HUB_CACHE)
 
 
 def _set_pad_token(model: nn.Module, tokenizer, name: str) -> None:
@@ -184,9 +264,15 @@ def _resolve(name: str, task: str, home: Path) -> tuple[str, bool]:
         if not (path / "config.json").is_file():
             raise ConfigError(f"the directory {name!r} has no config.json, so it is not a Hugging "
                               f"Face model directory; name must be {KINDS}", source="load_model")
-        return str(path), False
+        return str(path.resolve()), False  # absolute: adapters record it as their base
     if name.startswith(("/", "./", "../", "~")):  # a path, but nothing is there
         raise ConfigError(f"name={name!r}: {path.resolve()} does not exist", source="load_model")
+    if not HUB_ID.fullmatch(name):
+        hint = difflib.get_close_matches(name, EMBEDDED, n=1, cutoff=0.5)
+        raise ConfigError(f"name={name!r} is not an embedded model, no file or directory has that name, and it "
+                          f"is not a hub id (those look like org/name, e.g. HuggingFaceTB/SmolLM2-135M-Instruct)"
+                          + (f"; did you mean {hint[0]!r}?" if hint else f"; name must be {KINDS}"),
+                          source="load_model")
     return name, True
 
 
@@ -213,14 +299,16 @@ def _converted_gguf(gguf: Path, target: Path) -> Path:
 
         print(f"feathertune: converting {gguf.name} to safetensors once, ~30 s … (cached in "
               f"{target})", file=sys.stderr, flush=True)
-        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        with transformers_bars_off():
+            model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+            tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         # The weights are already dequantized; without this, save_pretrained would record the GGUF
         # quantization and later loads would look for a quantizer (and the .gguf) again.
         for owner, attribute in ((model, "hf_quantizer"), (model.config, "quantization_config")):
             if hasattr(owner, attribute):
                 delattr(owner, attribute)
-        model.save_pretrained(out)
+        with transformers_bars_off():
+            model.save_pretrained(out)
         tokenizer.save_pretrained(out)
 
     try:
@@ -251,9 +339,9 @@ def cached_conversion(target: Path, convert: Callable[[Path], None]) -> Path:
         for stale in target.parent.glob(f".{target.name}.tmp-*"):  # left by a killed converter
             shutil.rmtree(stale, ignore_errors=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-        tmp.chmod(0o755)  # mkdtemp makes it private (0700); a model cache is readable by all
         try:
             convert(tmp)
+            usual_modes(tmp)  # mkdtemp makes it private (0700), save_pretrained its weights (0600)
             os.rename(tmp, target)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)

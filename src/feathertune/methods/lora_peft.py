@@ -145,10 +145,9 @@ def config_to_peft(model: nn.Module, config: LoraConfig, name: str, adapted: lis
     rank_pattern = {_exact(m): p[0] for m, p in pairs.items() if p[0] != r}
     alpha_pattern = {_exact(m): p[1] for m, p in pairs.items() if p[1] != alpha}
     base_name = getattr(getattr(model, "config", None), "name_or_path", None) or None
-    causal = type(model).__name__.endswith("ForCausalLM")
     return {
         "peft_type": PEFT_TYPE,
-        "task_type": "CAUSAL_LM" if causal else None,
+        "task_type": peft_task_type(model, saved),
         "base_model_name_or_path": base_name,
         "revision": None,
         "inference_mode": True,
@@ -172,6 +171,20 @@ def config_to_peft(model: nn.Module, config: LoraConfig, name: str, adapted: lis
         "megatron_core": "megatron.core",
         "loftq_config": {},
     }
+
+
+def peft_task_type(model: nn.Module, saved: list[str]) -> str | None:
+    """PEFT's task_type for a transformers model: what AutoPeftModelFor… reads to rebuild the model.
+
+    SEQ_CLS also tells PEFT that the classification head ('classifier' or 'score') is saved with the
+    adapter, so it is written only when the head is among the saved modules; else None.
+    """
+    kind = type(model).__name__
+    if kind.endswith("ForCausalLM"):
+        return "CAUSAL_LM"
+    if kind.endswith("ForSequenceClassification") and {"classifier", "score"} & set(saved):
+        return "SEQ_CLS"
+    return None
 
 
 def resolved_targets(model: nn.Module, adapted: list[str], saved: list[str]) -> list[str]:
