@@ -12,6 +12,7 @@ import contextlib
 import math
 import os
 import re
+import string
 import sys
 from collections.abc import Iterable, Iterator
 
@@ -32,32 +33,66 @@ def bleu(hypotheses: list[str], references: list[list[str]]) -> float:
         hypotheses: one system output per item.
         references: for each item, its reference translations; items may have different numbers.
 
-    sacrebleu takes references as *streams* (stream k holds every item's k-th reference), so items
-    with fewer references are padded with None, which sacrebleu drops per segment (see
-    `BLEU._cache_references`). Padding with '' instead would count an empty reference and change the
-    closest-reference length used by the brevity penalty.
+    BLEU counts word n-grams up to 4, so answers of a word or two score 0 even when right: read it
+    beside `chrf` and `exact_match`.
 
     Raises:
         ConfigError: the lists differ in length, or an item has no reference.
     """
     import sacrebleu
 
+    return float(sacrebleu.corpus_bleu(list(hypotheses), _reference_streams(hypotheses, references, "bleu")).score)
+
+
+def chrf(hypotheses: list[str], references: list[list[str]]) -> float:
+    """Corpus chrF (0–100; Popović 2015): F-score of character 6-grams, β = 2, sacrebleu's defaults.
+
+    Character n-grams give partial credit to short answers and to near misses in inflection,
+    where BLEU's word 4-grams give none. Arguments and errors as for `bleu`.
+    """
+    import sacrebleu
+
+    return float(sacrebleu.corpus_chrf(list(hypotheses), _reference_streams(hypotheses, references, "chrf")).score)
+
+
+def exact_match(hypotheses: list[str], references: list[list[str]]) -> float:
+    """Share (0–1) of answers equal to one of their references, compared after `normalize_answer`.
+
+    Arguments and errors as for `bleu`.
+    """
+    _reference_streams(hypotheses, references, "exact_match")  # the same checks as the other scores
+    hits = sum(normalize_answer(h) in {normalize_answer(r) for r in refs} for h, refs in zip(hypotheses, references))
+    return hits / len(hypotheses)
+
+
+def normalize_answer(text: str) -> str:
+    """Case-folded, whitespace collapsed, punctuation at either end stripped: "  Blue. " -> "blue"."""
+    return " ".join(text.casefold().split()).strip(string.punctuation + " ")
+
+
+def _reference_streams(hypotheses: list[str], references: list[list[str]], source: str) -> list[list[str | None]]:
+    """Check the arguments of a corpus score and turn per-item references into sacrebleu's streams.
+
+    sacrebleu takes references as *streams* (stream k holds every item's k-th reference), so items
+    with fewer references are padded with None, which sacrebleu drops per segment (see
+    `BLEU._cache_references`). Padding with '' instead would count an empty reference and change the
+    closest-reference length used by the brevity penalty.
+    """
     problems = []
     if len(hypotheses) != len(references):
         problems.append(f"got {len(hypotheses)} hypotheses but {len(references)} reference lists; "
                         "pass one list of references per hypothesis")
     if not hypotheses:
-        problems.append("no hypotheses: BLEU of an empty corpus is undefined")
+        problems.append(f"no hypotheses: {source} of an empty corpus is undefined")
     for i, refs in enumerate(references):
         if isinstance(refs, str):
             problems.append(f"references[{i}] is a string; wrap it in a list: [{refs[:30]!r}]")
         elif not refs:
             problems.append(f"references[{i}] is empty; each item needs at least one reference")
     if problems:
-        raise ConfigError(problems, source="bleu")
+        raise ConfigError(problems, source=source)
     width = max(len(refs) for refs in references)
-    streams = [[refs[k] if k < len(refs) else None for refs in references] for k in range(width)]
-    return float(sacrebleu.corpus_bleu(list(hypotheses), streams).score)
+    return [[refs[k] if k < len(refs) else None for refs in references] for k in range(width)]
 
 
 @contextlib.contextmanager
