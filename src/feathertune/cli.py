@@ -1,16 +1,25 @@
 """The `feathertune` command: train, eval, generate, chat, merge, inspect.
 
 Every subcommand is a thin shell over the Python API; errors that feathertune raises on purpose
-are printed as one clear message (exit status 2), never as a traceback.
+are printed as one clear message (exit status 2), never as a traceback. Commands that take a run
+or an adapter read from it what it was trained for (base model, task, labels, quantization).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+from feathertune.errors import ConfigError, FeathertuneError
+
+if TYPE_CHECKING:
+    from feathertune.train.config import TrainConfig
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
 EPILOG = "Run `feathertune COMMAND --help` for a command's options. Docs: README.md."
 
 
@@ -20,8 +29,6 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "command", None):
         parser.print_help()
         return 2
-    from feathertune.errors import FeathertuneError
-
     try:
         return args.handler(args) or 0
     except FeathertuneError as exc:
@@ -41,15 +48,23 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     p = sub.add_parser("train", help="fine-tune as a YAML config says",
+                       usage="feathertune train [CONFIG] [KEY=VALUE ...] [--resume]",
                        description="Fine-tune as CONFIG says; KEY=VALUE pairs override its keys "
-                                   "(e.g. train.lr=1e-3 output=runs/try2). See README 'Configuration'.")
-    p.add_argument("config", help="YAML config, e.g. recipes/e2e-lora.yaml")
-    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted config keys to override")
-    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in the output directory")
+                                   "(e.g. train.lr=1e-3 output=runs/try2), and without CONFIG they are the "
+                                   "whole config (e.g. data.train=train.jsonl). Paths in CONFIG are relative "
+                                   "to CONFIG, paths in KEY=VALUE to the current directory. "
+                                   "See README 'Configuration'.")
+    p.add_argument("arguments", nargs="*", metavar="CONFIG | KEY=VALUE",
+                   help="a YAML config (optional, e.g. recipes/e2e-lora.yaml), then dotted keys to set")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in output=RUN_DIR from its newest checkpoint, with its saved config; "
+                        "only the number of steps and how often to log, evaluate and checkpoint may change")
     p.set_defaults(handler=_train)
 
-    p = sub.add_parser("eval", help="score a run's adapter (or the base) on a data file")
-    p.add_argument("run", help="run directory (with config.yaml and adapter/) or adapter directory")
+    p = sub.add_parser("eval", help="score a run's adapter, or a base model, on a data file")
+    p.add_argument("run", metavar="RUN | ADAPTER | MODEL",
+                   help="run directory (config.yaml + adapter/), adapter directory, or a base model alone "
+                        "(an embedded name, a model directory, a .gguf file or a hub id; needs --data)")
     p.add_argument("--data", help="data file (default: the run's validation file)")
     p.add_argument("--model", help="base model (default: from the run or the adapter)")
     p.set_defaults(handler=_eval)
@@ -68,6 +83,7 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("merge", help="fold an adapter into the base and write a full model directory")
     p.add_argument("--adapter", required=True, help="adapter directory (or run directory)")
     p.add_argument("--out", required=True, help="where to write the merged model (transformers format)")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it already holds files")
     p.add_argument("--model", help="base model (default: from the run or the adapter)")
     p.add_argument("--dequantize", action="store_true",
                    help="for a QLoRA run: merge into the full-precision base (the exact export) instead "
@@ -81,61 +97,119 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", help="base model (default: smollm2-135m-instruct, or the adapter's)")
+    p.add_argument("--model", help=f"base model (default: {DEFAULT_MODEL}, or the adapter's)")
     p.add_argument("--adapter", help="adapter or run directory to apply")
 
 
-def _train(args) -> int:
+@dataclasses.dataclass
+class Target:
+    """What a command works on: a base model, and the adapter (and run) on it, if any."""
+
+    model: str  # what load_model takes
+    adapter: Path | None = None
+    config: TrainConfig | None = None  # the run's config.yaml, when the adapter belongs to a run
+    task: str = "causal_lm"
+    labels: list[str] | None = None  # classification: the head's labels, in index order
+    quantize: str | None = None  # how the run quantized the base
+
+
+def resolve_target(path: str | None, model: str | None, *, model_alone: bool = False) -> Target:
+    """The base model, adapter, run config and task behind a command's RUN / ADAPTER argument.
+
+    Args:
+        path: a run directory, an adapter directory (inside a run or not), or None: the base alone.
+        model: --model, which replaces the base that the run or the adapter names.
+        model_alone: `path` may also be a base model (for `eval`).
+    """
+    from feathertune.checkpoint import CONFIG_FILE
     from feathertune.train.config import load_config
+
+    if path is None:
+        return Target(model or DEFAULT_MODEL)
+    where = Path(path)
+    adapter = where / "adapter" if (where / "adapter" / CONFIG_FILE).is_file() else where
+    if not (adapter / CONFIG_FILE).is_file():
+        if model_alone:
+            return Target(model or path)  # load_model says what is wrong with it, if anything
+        raise FileNotFoundError(f"{path}: neither a run directory (config.yaml + adapter/) nor an adapter "
+                                f"directory ({CONFIG_FILE})")
+    written = json.loads((adapter / CONFIG_FILE).read_text())
+    run_file = next((d / "config.yaml" for d in (where, adapter.parent) if (d / "config.yaml").is_file()), None)
+    config = load_config(run_file) if run_file else None
+    task = "classification" if written.get("task_type") == "SEQ_CLS" else "causal_lm"
+    if config is not None and config.task != "auto":  # runs before 0.2 saved task: auto
+        task = config.task
+    labels = None
+    if task == "classification":
+        labels = (config.data.labels if config else None) or _head_labels(adapter)
+    base = model or (config.model if config else _recorded_base(written))
+    return Target(base, adapter, config, task, labels, config.quantization if config else None)
+
+
+def _recorded_base(written: dict) -> str:
+    """The base an adapter file names: its path, or the embedded model that path was made from
+    when it does not exist on this machine."""
+    from feathertune.models import embedded_name_of
+
+    recorded = written.get("base_model_name_or_path") or DEFAULT_MODEL
+    return recorded if Path(recorded).exists() else embedded_name_of(recorded) or recorded
+
+
+def _head_labels(adapter: Path) -> list[str] | None:
+    """Labels "0", "1", … for the classification head saved in an adapter file, one per row."""
+    from safetensors import safe_open
+
+    from feathertune.checkpoint import PREFIX, WEIGHTS_FILE
+
+    with safe_open(str(adapter / WEIGHTS_FILE), framework="pt") as f:
+        for head in ("classifier.out_proj.weight", "classifier.weight", "score.weight"):
+            if PREFIX + head in f.keys():
+                return [str(i) for i in range(f.get_slice(PREFIX + head).get_shape()[0])]
+    return None
+
+
+def _load(path: str | None, model_name: str | None, *, task: str | None = None, full_precision: bool = False):
+    """The base model (quantized as the run was, unless full_precision) with the adapter loaded.
+
+    Args:
+        task: the task the command needs; an adapter for another task is refused.
+    """
+    from feathertune.checkpoint import load_adapter
+    from feathertune.models import load_model
+
+    target = resolve_target(path, model_name)
+    if task is not None and target.task != task:
+        raise ConfigError(f"{path} is a {target.task} adapter, and this command needs a {task} model; score it "
+                          f"with `feathertune eval {path} --data FILE`", source="adapter")
+    labels = {"label_names": target.labels} if target.task == "classification" else {}
+    model, tokenizer = load_model(target.model, task=target.task,
+                                  quantize=None if full_precision else target.quantize, **labels)
+    if target.adapter is not None:
+        load_adapter(model, target.adapter)
+    return model, tokenizer
+
+
+def _train(args) -> int:
+    from feathertune.train.config import load_config, resume_config
     from feathertune.train.loop import run
 
-    config = load_config(args.config, args.overrides)
+    path, overrides = _config_and_overrides(args.arguments)
+    config = resume_config(path, overrides) if args.resume else load_config(path, overrides)
     run(config, resume=args.resume)
     return 0
 
 
-def _resolve(path: str | None, model: str | None) -> tuple[str, Path | None, Path | None]:
-    """(base model, adapter dir, run dir) from a run or adapter directory and an optional --model."""
-    if path is None:
-        return model or "smollm2-135m-instruct", None, None
-    path = Path(path)
-    if (path / "config.yaml").is_file() and (path / "adapter").is_dir():
-        from feathertune.train.config import load_config
-
-        return model or load_config(path / "config.yaml").model, path / "adapter", path
-    if not (path / "adapter_config.json").is_file():
-        raise FileNotFoundError(f"{path}: neither a run directory (config.yaml + adapter/) nor an adapter "
-                                f"directory (adapter_config.json)")
-    recorded = json.loads((path / "adapter_config.json").read_text()).get("base_model_name_or_path")
-    run_config = path.parent / "config.yaml"
-    if model is None and run_config.is_file():
-        from feathertune.train.config import load_config
-
-        recorded = load_config(run_config).model
-    return model or recorded or "smollm2-135m-instruct", path, None
-
-
-def _load(path: str | None, model_name: str | None, task: str = "causal_lm", full_precision: bool = False):
-    """Base model (quantized as the run was, unless full_precision) with the adapter loaded."""
-    import feathertune as ft
-    from feathertune.models import load_model
-    from feathertune.train.config import load_config
-
-    name, adapter, run_dir = _resolve(path, model_name)
-    run_config = (run_dir or (adapter.parent if adapter else None))
-    quantize = None
-    if run_config is not None and (run_config / "config.yaml").is_file() and not full_precision:
-        quantize = load_config(run_config / "config.yaml").quantization
-    model, tokenizer = load_model(name, task=task, quantize=quantize)
-    if adapter is not None:
-        ft.load_adapter(model, adapter)
-    return model, tokenizer, run_dir
+def _config_and_overrides(arguments: list[str]) -> tuple[str | None, list[str]]:
+    """(config file or None, KEY=VALUE overrides): a config file, if any, comes first."""
+    if arguments and ("=" not in arguments[0] or Path(arguments[0]).is_file()):
+        return arguments[0], arguments[1:]
+    return None, arguments
 
 
 def _generate(args) -> int:
     from feathertune import evaluate
 
-    model, tokenizer, _ = _load(args.adapter, args.model)
+    model, tokenizer = _load(args.adapter, args.model, task="causal_lm")
     answers = evaluate.generate(model, tokenizer, [[{"role": "user", "content": p}] for p in args.prompts],
                                 max_new_tokens=args.max_new_tokens, progress=False)
     for prompt, answer in zip(args.prompts, answers):
@@ -146,7 +220,7 @@ def _generate(args) -> int:
 def _chat(args) -> int:
     from feathertune import evaluate
 
-    model, tokenizer, _ = _load(args.adapter, args.model)
+    model, tokenizer = _load(args.adapter, args.model, task="causal_lm")
     history: list[dict] = []
     print("chatting with the model; /reset forgets the conversation, /exit (or Ctrl-D) leaves", file=sys.stderr)
     while True:
@@ -169,24 +243,44 @@ def _chat(args) -> int:
 
 
 def _eval(args) -> int:
-    from feathertune.train.config import load_config
     from feathertune.train.report import evaluate_run
 
-    name, adapter, run_dir = _resolve(args.run, args.model)
-    config = load_config(run_dir / "config.yaml") if run_dir else None
-    results = evaluate_run(name, adapter, data=args.data, config=config)
+    target = resolve_target(args.run, args.model, model_alone=True)
+    config = target.config
+    data = args.data or (config.data.validation if config else None)
+    if not data:
+        missing = " (the run has no validation file)" if config else ""
+        raise ConfigError(f"no data to evaluate {args.run} on{missing}: pass --data FILE", source="eval")
+    options = {}
+    if config is not None:
+        options = {"max_length": config.data.max_length, "batch_size": config.eval.batch_size,
+                   "max_new_tokens": config.eval.max_new_tokens}
+        if not args.data:
+            options["data_format"] = config.data.validation_format
+    results = evaluate_run(target.model, target.adapter, data=data, quantize=target.quantize,
+                           label_names=target.labels, **options)
     print(json.dumps(results, indent=2))
     return 0
 
 
 def _merge(args) -> int:
-    import feathertune as ft
+    from feathertune.adapters import merge
+    from feathertune.files import atomic_directory
+    from feathertune.models import transformers_bars_off
 
-    model, tokenizer, _ = _load(args.adapter, args.model, full_precision=args.dequantize)
-    merged = ft.merge(model)
     out = Path(args.out)
-    merged.save_pretrained(out)
-    tokenizer.save_pretrained(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.overwrite:
+        raise ConfigError(f"{out} already exists and is not empty; choose another --out, or pass --overwrite "
+                          f"to replace it", source="merge")
+    model, tokenizer = _load(args.adapter, args.model, full_precision=args.dequantize)
+    merged = merge(model)
+
+    def write(directory: Path) -> None:
+        with transformers_bars_off():
+            merged.save_pretrained(directory)
+        tokenizer.save_pretrained(directory)
+
+    atomic_directory(out, write)
     print(f"merged model written to {out} (load it with transformers' from_pretrained)")
     return 0
 

@@ -9,16 +9,23 @@
 
 The CLI, the Python API and the service all build a `TrainConfig` and call `feathertune.run`, so
 every key is checked and documented here once (README "Configuration" lists them).
+
+Paths in a config file are relative to that file; paths given as `key=value` on the command line
+are relative to the current directory. Both are made absolute when the config is read, and a run
+saves its config with absolute paths, so a run directory means the same thing from anywhere.
+
+A run directory owns its config: `--resume` continues with the saved `config.yaml`, and only the
+keys in RESUMABLE (how long to train, how often to log, evaluate and checkpoint) may change.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import os
+import re
 from pathlib import Path
 from typing import Any
-
-import re
 
 import yaml
 
@@ -28,10 +35,24 @@ from feathertune.methods.lora import LoraConfig
 TASKS = ("auto", "causal_lm", "classification")
 SCHEDULES = ("cosine", "linear", "constant")
 OPTIMIZERS = ("adamw", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit")
-METHODS = ("lora", "qlora")  # qlora = lora over a base quantized to NF4
+# Method names and what each sets in the `lora:` section; qlora is LoRA over a base quantized to NF4.
+METHOD_VARIANTS: dict[str, dict[str, Any]] = {
+    "lora": {}, "dora": {"use_dora": True}, "rslora": {"use_rslora": True}, "pissa": {"init": "pissa"},
+    "qlora": {},
+}
+METHODS = tuple(METHOD_VARIANTS)
 QUANTIZATIONS = ("nf4",)
 PRECISIONS = ("fp32", "bf16")
 FORMATS = ("auto", "chat", "alpaca", "prompt_completion", "references", "text", "classification")
+SECTIONS = ("lora", "data", "train", "eval")
+PATH_KEYS = ("output", "data.train", "data.validation")  # `model` too, when it names a path
+# What may change when a run resumes: how long it trains and how often it logs, evaluates and
+# checkpoints. Everything else would make the resumed run a different run.
+RESUMABLE = ("train.max_steps", "train.epochs", "train.log_every", "train.eval_every",
+             "train.checkpoint_every", "train.keep_checkpoints", "eval.compare_base", "eval.max_new_tokens",
+             "eval.batch_size", "eval.samples")
+# Keys a run resolves from its data when left at these values ("auto" task, labels from the file).
+RESOLVED_BY_THE_RUN = {"task": "auto", "data.labels": None}
 
 
 @dataclasses.dataclass
@@ -44,11 +65,16 @@ class DataConfig:
     text_field: str = "text"  # for classification / text JSONL
     label_field: str = "label"
     max_validation: int | None = None  # use only the first N validation examples (faster evaluation)
+    labels: list[str] | None = None  # classification: the labels in index order; null: the training file's, sorted
 
     def problems(self) -> list[str]:
         found = []
         if not self.train or not isinstance(self.train, str):
             found.append("data.train is required: the path of the training file")
+        if self.labels is not None and (not isinstance(self.labels, list) or len(self.labels) < 2
+                                        or len({str(n) for n in self.labels}) != len(self.labels)
+                                        or not all(isinstance(n, (str, int)) for n in self.labels)):
+            found.append(f"data.labels={self.labels!r} must be a list of at least two distinct labels, or null")
         for key in ("format", "validation_format"):
             if getattr(self, key) not in FORMATS:
                 found.append(f"data.{key}={getattr(self, key)!r} is not one of {', '.join(FORMATS)}")
@@ -129,7 +155,7 @@ class EvalConfig:
 @dataclasses.dataclass
 class TrainConfig:
     model: str = "smollm2-135m-instruct"  # embedded name, local HF directory, .gguf file or hub id
-    method: str = "lora"  # lora, or qlora: LoRA over a 4-bit NF4 base (same as quantize: nf4)
+    method: str = "lora"  # lora, dora, rslora, pissa, or qlora: LoRA over a 4-bit NF4 base (= quantize: nf4)
     quantize: str | None = None  # nf4: store the base's linear layers in 4 bits (QLoRA); null: full precision
     task: str = "auto"  # causal_lm or classification; auto: from the data format
     output: str = "runs/latest"  # the run directory
@@ -144,7 +170,9 @@ class TrainConfig:
             found.append("model is required: an embedded name (smollm2-135m-instruct, minilm-l6), a local "
                          "model directory, a .gguf file or a hub id")
         if self.method not in METHODS:
-            found.append(f"method={self.method!r} is not available yet; available: {', '.join(METHODS)}")
+            hint = difflib.get_close_matches(str(self.method), METHODS, n=1, cutoff=0.5)
+            found.append(f"method={self.method!r} is not a method feathertune has"
+                         + (f" (did you mean {hint[0]}?)" if hint else "") + f"; available: {', '.join(METHODS)}")
         if self.quantize is not None and self.quantize not in QUANTIZATIONS:
             found.append(f"quantize={self.quantize!r} is not one of {', '.join(QUANTIZATIONS)} (or null)")
         if self.task not in TASKS:
@@ -164,6 +192,14 @@ class TrainConfig:
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
+    def flat(self) -> dict[str, Any]:
+        """Every key as `section.key` (or `key` at the top level) -> value."""
+        return flatten_values(self.to_dict())
+
+    def with_absolute_paths(self, base: str | os.PathLike = ".") -> TrainConfig:
+        """This config with relative paths made absolute against `base` (default: the current directory)."""
+        return TrainConfig.from_dict(absolute_paths(self.to_dict(), Path(base)))
+
     @classmethod
     def from_dict(cls, values: dict[str, Any], source: str = "config") -> TrainConfig:
         """Build and check a config; every problem in every section is reported in one ConfigError."""
@@ -179,8 +215,8 @@ class TrainConfig:
                 problems.append(f"{name} must be a mapping, got {section!r}")
                 section = {}
             if name == "lora":
-                defaults = {"r": 16, "alpha": 32}
-                section = {**defaults, **section}
+                section, variant_problems = _lora_section(section, values.get("method", "lora"))
+                problems += variant_problems
             built[name], section_problems = _build(section_cls, section, prefix=f"{name}.")
             problems += section_problems
         config, top_problems = _build(cls, top, prefix="", nested=built)
@@ -188,6 +224,19 @@ class TrainConfig:
         if problems:
             raise ConfigError(problems, source=source)
         return config
+
+
+def _lora_section(section: dict[str, Any], method: Any) -> tuple[dict[str, Any], list[str]]:
+    """The `lora:` section with the training defaults (r=16, alpha=32) and what `method` implies
+    (method: dora sets use_dora, ...); a section that contradicts its method is a problem."""
+    section = {"r": 16, "alpha": 32, **section}
+    problems = []
+    for key, value in METHOD_VARIANTS.get(method, {}).items() if isinstance(method, str) else ():
+        if key in section and section[key] != value:
+            problems.append(f"method={method} means lora.{key}={value!r}, but the config sets "
+                            f"lora.{key}={section[key]!r}; drop one of the two")
+        section[key] = value
+    return section, problems
 
 
 class _Loader(yaml.SafeLoader):
@@ -205,8 +254,17 @@ def parse_yaml(text: str) -> Any:
     return yaml.load(text, Loader=_Loader)  # a SafeLoader: builds plain data only
 
 
-def load_config(path: str | Path, overrides: list[str] = ()) -> TrainConfig:
-    """Read a YAML config and apply `dotted.key=value` overrides (values parsed as YAML)."""
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] = ()) -> TrainConfig:
+    """Read a YAML config (optional when the overrides give every key needed) and apply
+    `dotted.key=value` overrides (values parsed as YAML). Paths are made absolute: those in the file
+    against the file's directory, those in overrides against the current directory."""
+    values = read_config_file(path) if path is not None else {}
+    values = merge_values(values, absolute_paths(parse_overrides(overrides), Path.cwd()))
+    return TrainConfig.from_dict(values, source=str(path) if path is not None else "command line")
+
+
+def read_config_file(path: str | os.PathLike) -> dict[str, Any]:
+    """The raw values of a YAML config file, with its paths made absolute against its directory."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: no such config file", source=str(path))
@@ -216,13 +274,68 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> TrainConfig:
         mark = getattr(exc, "problem_mark", None)
         line = f":{mark.line + 1}" if mark is not None else ""
         raise ConfigError(f"{path}{line}: not valid YAML ({getattr(exc, 'problem', exc)})", source=str(path)) from None
-    values = apply_overrides(values, overrides)
-    return TrainConfig.from_dict(values, source=str(path))
+    if not isinstance(values, dict):
+        raise ConfigError(f"{path}: expected a mapping of keys to values, got {type(values).__name__}",
+                          source=str(path))
+    return absolute_paths(values, Path(os.path.abspath(path)).parent)
 
 
-def apply_overrides(values: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """`train.lr=1e-3` -> values["train"]["lr"] = 0.001 (YAML typing: numbers, booleans, lists, null)."""
-    values = dict(values)
+def resume_config(path: str | os.PathLike | None, overrides: list[str] = ()) -> TrainConfig:
+    """The config to resume a run with: the run's saved config.yaml, with the RESUMABLE keys that
+    `overrides` change. The run directory is `output` from the overrides or the config file.
+
+    A config file given on resume must describe the same run as the saved config, except where an
+    override changes a RESUMABLE key. With `output` in neither, the run is where a new one would go.
+
+    Raises:
+        ConfigError: no run there, or differences that would make it another run (all listed).
+    """
+    given_file = read_config_file(path) if path is not None else None
+    changes = absolute_paths(parse_overrides(overrides), Path.cwd())
+    output = changes.get("output") or (given_file or {}).get("output") or os.path.abspath(TrainConfig.output)
+    saved_path = Path(output) / "config.yaml"
+    if not saved_path.is_file():
+        raise ConfigError(f"{output}: no run there (no config.yaml, no checkpoint to resume from); run "
+                          f"without --resume to start one", source="resume")
+    saved = dataclasses.replace(load_config(saved_path), output=str(output))  # the run may have moved
+    given = TrainConfig.from_dict(merge_values(saved.to_dict() if given_file is None else given_file, changes),
+                                  source=str(path or "command line"))
+    changed = resume_changes(saved, given, overridden=set(flatten_values(changes)), where=f"in {path}")
+    kept = {key: new for key, (_, new) in changed.items()}
+    return TrainConfig.from_dict(merge_values(saved.to_dict(), {**unflatten(kept), "output": str(output)}),
+                                 source=str(saved_path))
+
+
+def resume_changes(saved: TrainConfig, given: TrainConfig, *, overridden: set[str] | None = None,
+                   where: str = "in the config given") -> dict[str, tuple[Any, Any]]:
+    """key -> (saved value, new value) for each RESUMABLE key that `given` changes in a run saved
+    as `saved`. `overridden`: the keys set explicitly; only those may change (None: any RESUMABLE key).
+
+    Raises:
+        ConfigError: any other key differs (each one listed with both values).
+    """
+    before, after = saved.flat(), given.flat()
+    changed, refused = {}, []
+    for key, value in after.items():
+        if key == "output" or value == before[key]:
+            continue
+        if key in RESOLVED_BY_THE_RUN and value == RESOLVED_BY_THE_RUN[key]:
+            continue  # left for the run to resolve; the run resolved it to the saved value
+        if key in RESUMABLE and (overridden is None or key in overridden):
+            changed[key] = (before[key], value)
+        else:
+            source = "on the command line" if overridden and key in overridden else where
+            refused.append(f"{key}: the run has {before[key]!r}, {source} it is {value!r}")
+    if refused:
+        refused.append(f"to continue as the run was started, resume with only its directory: feathertune train "
+                       f"--resume output={saved.output}; a resumed run may change only {', '.join(RESUMABLE)}")
+        raise ConfigError(refused, source=f"resume of {saved.output}")
+    return changed
+
+
+def parse_overrides(overrides: list[str]) -> dict[str, Any]:
+    """`["train.lr=1e-3"]` -> {"train": {"lr": 0.001}} (YAML typing: numbers, booleans, lists, null)."""
+    values: dict[str, Any] = {}
     for item in overrides:
         key, sep, raw = item.partition("=")
         if not sep or not key:
@@ -231,14 +344,72 @@ def apply_overrides(values: dict[str, Any], overrides: list[str]) -> dict[str, A
             value = parse_yaml(raw) if raw else ""
         except yaml.YAMLError:
             value = raw
-        node = values
-        parts = key.split(".")
-        for part in parts[:-1]:
-            child = node.get(part)
-            node[part] = dict(child) if isinstance(child, dict) else {}
-            node = node[part]
-        node[parts[-1]] = value
+        values = merge_values(values, unflatten({key: value}))
     return values
+
+
+def apply_overrides(values: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """`values` with `dotted.key=value` overrides applied (see parse_overrides)."""
+    return merge_values(values, parse_overrides(overrides))
+
+
+def merge_values(base: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:
+    """`base` with `changes` laid over it: a section's keys one by one, any other value whole (so
+    `lora.rank_pattern={...}` replaces the pattern). A new dict; neither argument is modified."""
+    merged = dict(base)
+    for key, value in changes.items():
+        if key in SECTIONS and isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = {**merged[key], **value}
+        else:
+            merged[key] = value
+    return merged
+
+
+def unflatten(flat: dict[str, Any]) -> dict[str, Any]:
+    """{"train.lr": 1e-3} -> {"train": {"lr": 1e-3}}."""
+    nested: dict[str, Any] = {}
+    for key, value in flat.items():
+        node = nested
+        *parents, last = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[last] = value
+    return nested
+
+
+def flatten_values(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """The inverse of unflatten, for the config's sections (a section's own dict values stay whole)."""
+    flat = {}
+    for key, value in values.items():
+        if not prefix and key in SECTIONS and isinstance(value, dict):
+            flat.update(flatten_values(value, prefix=f"{key}."))
+        else:
+            flat[prefix + key] = value
+    return flat
+
+
+def absolute_paths(values: dict[str, Any], base: Path) -> dict[str, Any]:
+    """Raw config values with the paths in them (PATH_KEYS, and `model` when it names a local
+    path rather than an embedded model or a hub id) made absolute against `base`."""
+    flat = flatten_values(values)
+    for key in PATH_KEYS:
+        if isinstance(flat.get(key), str) and flat[key]:
+            flat[key] = os.path.abspath(base / Path(flat[key]).expanduser())
+    if isinstance(flat.get("model"), str) and flat["model"]:
+        flat["model"] = _model_path(flat["model"], base)
+    return merge_values(values, unflatten({k: v for k, v in flat.items() if k in (*PATH_KEYS, "model")}))
+
+
+def _model_path(model: str, base: Path) -> str:
+    """An absolute path for a model named by a path; embedded names and hub ids unchanged."""
+    from feathertune.models import EMBEDDED
+
+    path = Path(model).expanduser()
+    if model in EMBEDDED or path.is_absolute():
+        return str(path)
+    if model.startswith(("./", "../", "~")) or path.suffix == ".gguf" or (base / path).exists():
+        return os.path.abspath(base / path)
+    return model  # a hub id (org/name)
 
 
 def _build(cls, values: dict[str, Any], prefix: str, nested: dict[str, Any] | None = None):

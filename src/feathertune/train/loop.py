@@ -24,13 +24,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import feathertune as ft
+from feathertune.adapters import attach, trainable_parameters
+from feathertune.checkpoint import save_adapter
 from feathertune.data import Tokenized, batch_indices, collate, read_examples, tokenize_examples
 from feathertune.errors import ConfigError, FeathertuneError
 from feathertune.files import write_atomic
 from feathertune.models import load_model
 from feathertune.train import distributed, state
-from feathertune.train.config import TrainConfig
+from feathertune.train.config import TrainConfig, load_config, resume_changes
 from feathertune.train.metrics import MetricsLog, plot_losses
 
 
@@ -49,13 +50,20 @@ class RunResult:
 def run(config: TrainConfig, *, resume: bool = False, log=print) -> RunResult:
     """Fine-tune as `config` says and write the run directory (see README "Run directory").
 
+    Every check that does not need training (the config, the data files, whether they fit each
+    other and the model, the run directory) runs before the run directory is created, so a failed
+    check leaves nothing behind. A directory left by a run that failed before its first checkpoint
+    holds no run (no checkpoint, no adapter), and a new run starts afresh in it.
+
     Args:
-        resume: continue from the newest checkpoint in `config.output`.
+        resume: continue from the newest checkpoint in `config.output`. The run's saved config.yaml
+            holds; `config` may differ from it only in the keys of train.config.RESUMABLE.
         log: where progress lines go (rank 0 only).
 
     Raises:
         DataError: a data file has bad examples (nothing is written).
-        ConfigError: a bad config, or an output directory that already holds another run.
+        ConfigError: a bad config, data that does not fit it, an output directory that already
+            holds another run, or a resume that would change the run.
         TrainingDiverged: the loss became non-finite.
     """
     procs = distributed.setup()
@@ -67,18 +75,20 @@ def run(config: TrainConfig, *, resume: bool = False, log=print) -> RunResult:
 
 
 def _run(config: TrainConfig, resume: bool, procs: distributed.Processes, say) -> RunResult:
-    out = Path(config.output)
-    data_cfg, loop = config.data, config.train
-    # 1. Data first: a bad file fails here, before anything is loaded or written.
+    # 1. Everything that can be checked without training, before anything is written.
     train_set, val_set = _read_data(config.data)
-    task = _task(config.task, train_set.kind)
+    task = _task(config.task, train_set, val_set)
+    config = _resolved(config, task, train_set)
+    out, loop = Path(config.output), config.train
     existing = _check_output(out, resume)
+    if resume:
+        _check_resume(out, config, say)
     # 2. Model and adapter.
-    model, tokenizer = _prepare_model(config, task, train_set.label_names, procs, say)
+    model, tokenizer = _prepare_model(config, task, procs, say)
 
     # 3. Tokens and the step plan.
-    train_tok = _tokenize("train", train_set, tokenizer, data_cfg.max_length, say)
-    val_tok = _tokenize("validation", val_set, tokenizer, data_cfg.max_length, say) if val_set else None
+    train_tok = _tokenize("train", train_set, tokenizer, config.data.max_length, say)
+    val_tok = _tokenize("validation", val_set, tokenizer, config.data.max_length, say) if val_set else None
     global_batch = loop.batch_size * loop.grad_accum * procs.world
     steps_per_epoch = math.ceil(len(train_tok.rows) / global_batch)
     total_steps = loop.max_steps or max(1, math.ceil(loop.epochs * steps_per_epoch))
@@ -87,24 +97,26 @@ def _run(config: TrainConfig, resume: bool, procs: distributed.Processes, say) -
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(loop.schedule, loop.warmup_steps, total_steps))
     start = 0
     if resume:
-        step, path = existing[-1]
+        step, path = _resume_point(out, existing, total_steps, loop)
         state.load_checkpoint(path, model, optimizer, scheduler)
         start = step
         say(f"resuming from {path} (step {step} of {total_steps})")
-    if procs.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        write_atomic(out / "config.yaml", config.to_yaml())
-    metrics = MetricsLog(out / "metrics.jsonl", resume_from_step=start) if procs.is_main else None
+    pad_id = tokenizer.pad_token_id
+
+    def validation_loss() -> float:
+        return _validation_loss(model, val_tok, pad_id, task, config.eval.batch_size)
+
+    measure_base = val_tok is not None and loop.eval_every and start == 0 and procs.is_main
+    base_loss = validation_loss() if measure_base else None
+    metrics = _open_run_directory(out, config, start if resume else None, procs)
+    if base_loss is not None and metrics is not None:
+        metrics.write({"step": 0, "eval_loss": base_loss})  # the curve's starting point in loss.png
     wrapped = _ddp(model, procs)
 
     # 4. Train.
-    pad_id = tokenizer.pad_token_id
     progress = _progress(procs, start, total_steps)
     epoch_cache: dict[int, list[list[int]]] = {}
     t_last, tokens_since = time.perf_counter(), 0.0
-    if val_tok is not None and loop.eval_every and start == 0 and metrics is not None:
-        # The base model's validation loss: the curve's starting point in loss.png.
-        metrics.write({"step": 0, "eval_loss": _validation_loss(model, val_tok, pad_id, task, config.eval.batch_size)})
     model.train()
     memory = PeakMemory(procs.device)
     started = time.perf_counter()
@@ -137,7 +149,7 @@ def _run(config: TrainConfig, resume: bool, procs: distributed.Processes, say) -
             t_last, tokens_since = now, 0.0
         progress.update(1)
         if val_tok is not None and loop.eval_every and done % loop.eval_every == 0 and done != total_steps:
-            eval_loss = _validation_loss(model, val_tok, pad_id, task, config.eval.batch_size)
+            eval_loss = validation_loss()
             if metrics is not None:
                 metrics.write({"step": done, "eval_loss": eval_loss})
             model.train()
@@ -152,12 +164,11 @@ def _run(config: TrainConfig, resume: bool, procs: distributed.Processes, say) -
     adapter_dir = out / "adapter"
     result_metrics: dict = {}
     if procs.is_main:
-        ft.save_adapter(model, adapter_dir)
+        save_adapter(model, adapter_dir)
         from feathertune.train.report import final_report
 
         result_metrics = final_report(model, tokenizer, config, task, val_set, val_tok, out, say,
-                                      validation_loss=lambda: _validation_loss(model, val_tok, pad_id, task,
-                                                                               config.eval.batch_size),
+                                      validation_loss=validation_loss, base_eval_loss=base_loss,
                                       training=training)
         if metrics is not None and "eval_loss" in result_metrics:
             metrics.write({"step": total_steps, "eval_loss": result_metrics["eval_loss"]})
@@ -170,7 +181,7 @@ def _run(config: TrainConfig, resume: bool, procs: distributed.Processes, say) -
 def _read_data(data_cfg):
     """Read and validate the training and validation files (every problem reported at once)."""
     train_set = read_examples(data_cfg.train, data_cfg.format, text_field=data_cfg.text_field,
-                              label_field=data_cfg.label_field)
+                              label_field=data_cfg.label_field, label_names=data_cfg.labels)
     val_set = None
     if data_cfg.validation:
         val_set = read_examples(data_cfg.validation, data_cfg.validation_format, text_field=data_cfg.text_field,
@@ -178,6 +189,31 @@ def _read_data(data_cfg):
         if data_cfg.max_validation:
             val_set.items = val_set.items[: data_cfg.max_validation]
     return train_set, val_set
+
+
+def _task(task: str, train_set, val_set) -> str:
+    """The run's task from the config and the training data; refuses data that does not fit it."""
+    classifying = train_set.kind == "classification"
+    problems = []
+    if task != "auto" and (task == "classification") != classifying:
+        problems.append(f"task={task!r} does not fit the training data {train_set.path}, which holds "
+                        f"{train_set.kind} examples (format {train_set.format})")
+    if val_set is not None and (val_set.kind == "classification") != classifying:
+        problems.append(f"the validation file {val_set.path} holds {val_set.kind} examples (format "
+                        f"{val_set.format}), but the training file {train_set.path} holds {train_set.kind} "
+                        f"examples; validate on data of the training data's kind")
+    if classifying and len(train_set.label_names) < 2:
+        problems.append(f"every example of {train_set.path} has the label {train_set.label_names[0]!r}; a "
+                        f"classifier needs at least two (list them all in data.labels if some are missing)")
+    if problems:
+        raise ConfigError(problems, source="data")
+    return "classification" if classifying else "causal_lm"
+
+
+def _resolved(config: TrainConfig, task: str, train_set) -> TrainConfig:
+    """The config as the run uses and saves it: absolute paths, the task and the label order."""
+    data = dataclasses.replace(config.data, labels=train_set.label_names if task == "classification" else None)
+    return dataclasses.replace(config.with_absolute_paths(), task=task, data=data)
 
 
 def _check_output(out: Path, resume: bool) -> list[tuple[int, Path]]:
@@ -191,10 +227,49 @@ def _check_output(out: Path, resume: bool) -> list[tuple[int, Path]]:
     return existing
 
 
-def _prepare_model(config: TrainConfig, task: str, label_names, procs: distributed.Processes, say):
+def _check_resume(out: Path, config: TrainConfig, say) -> None:
+    """Refuse a resume that would change the run saved in `out`; say what it may change."""
+    saved_path = out / "config.yaml"
+    if not saved_path.is_file():
+        raise ConfigError(f"{out}: has checkpoints but no config.yaml; cannot tell what run they belong to",
+                          source="resume")
+    saved = dataclasses.replace(load_config(saved_path), output=str(out))
+    for key, (old, new) in resume_changes(saved, config).items():
+        say(f"changed on resume: {key}: {old} → {new}")
+
+
+def _resume_point(out: Path, existing: list[tuple[int, Path]], total_steps: int, loop) -> tuple[int, Path]:
+    """(step, path) of the checkpoint to resume from, if this config continues past it."""
+    step, path = existing[-1]
+    length = f"train.max_steps={loop.max_steps}" if loop.max_steps else f"train.epochs={loop.epochs}"
+    if (out / "adapter").exists():
+        finished = state.read_record(path).get("total_steps", step)
+        if total_steps <= finished:
+            raise ConfigError(f"{out} already finished after {finished} steps (its adapter is in "
+                              f"{out / 'adapter'}); to train it longer, resume with train.max_steps=N, N > "
+                              f"{finished} ({length} gives {total_steps} steps)", source="resume")
+    if step >= total_steps:
+        raise ConfigError(f"the newest checkpoint of {out} is at step {step}, but {length} trains {total_steps} "
+                          f"steps: resuming can extend a run, not shorten it", source="resume")
+    return step, path
+
+
+def _open_run_directory(out: Path, config: TrainConfig, resumed_step: int | None, procs) -> MetricsLog | None:
+    """Create the run directory with its config.yaml and open metrics.jsonl (main process only).
+
+    A resumed run's log keeps its records up to `resumed_step`; a new run's log starts empty.
+    """
+    if not procs.is_main:
+        return None
+    out.mkdir(parents=True, exist_ok=True)
+    write_atomic(out / "config.yaml", config.to_yaml())
+    return MetricsLog(out / "metrics.jsonl", resume_from_step=resumed_step)
+
+
+def _prepare_model(config: TrainConfig, task: str, procs: distributed.Processes, say):
     """Load the base (quantized if asked) onto this process's device and attach the adapter."""
     say(f"loading {config.model} …")
-    model, tokenizer = load_model(config.model, task=task, label_names=label_names)
+    model, tokenizer = load_model(config.model, task=task, label_names=config.data.labels)
     model.to(procs.device)
     head = _classification_head(model) if task == "classification" else None
     if config.quantization:
@@ -209,10 +284,10 @@ def _prepare_model(config: TrainConfig, task: str, label_names, procs: distribut
     if head and not lora.modules_to_save:  # the new head starts random: it must train, and be saved too
         lora = dataclasses.replace(lora, modules_to_save=[head])
     torch.manual_seed(config.train.seed)  # the adapter's initialisation is part of the run's seed
-    ft.attach(model, lora)
+    attach(model, lora)
     if config.train.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    trainable, total = ft.trainable_parameters(model)
+    trainable, total = trainable_parameters(model)
     say(f"{config.method}: training {trainable:,} of {total:,} parameters ({100 * trainable / total:.2f}%)")
     return model, tokenizer
 
@@ -369,15 +444,6 @@ def _validation_loss(model, data: Tokenized, pad_id: int, task: str, batch_size:
         count += sum(_targets(data.rows[i], task) for i in indices)
     model.train(was_training)
     return total / max(count, 1)
-
-
-def _task(task: str, kind: str) -> str:
-    if task != "auto":
-        if (task == "classification") != (kind == "classification"):
-            raise ConfigError(f"task={task!r} does not fit the training data, which is {kind!r} data",
-                              source="config")
-        return task
-    return "classification" if kind == "classification" else "causal_lm"
 
 
 def _schedule(name: str, warmup: int, total: int):

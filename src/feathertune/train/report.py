@@ -1,7 +1,8 @@
 """After training: score the base and the fine-tuned model on the validation set, and say so.
 
-Writes eval.json and samples.md into the run directory and prints a short before/after summary:
-BLEU (or accuracy) of the base and of the fine-tuned model, and a few answers side by side.
+Writes eval.json and samples.md into the run directory and prints a one-line before/after summary
+of the base and the fine-tuned model (validation loss, and accuracy or BLEU, chrF and exact match),
+then a few answers side by side.
 """
 
 from __future__ import annotations
@@ -14,15 +15,21 @@ from pathlib import Path
 
 import torch
 
-import feathertune as ft
 from feathertune import evaluate
+from feathertune.adapters import disabled
+from feathertune.checkpoint import load_adapter
 from feathertune.data import collate
 from feathertune.files import write_atomic
 
 
 def final_report(model, tokenizer, config, task: str, val_set, val_tok, out: Path, say, validation_loss,
-                 training: dict | None = None) -> dict:
-    """Evaluate, write eval.json and samples.md, print the summary; returns eval.json's content."""
+                 base_eval_loss: float | None = None, training: dict | None = None) -> dict:
+    """Evaluate, write eval.json and samples.md, print the summary; returns eval.json's content.
+
+    Args:
+        validation_loss: () -> the validation loss of the model as it is (adapters on or off).
+        base_eval_loss: the base's validation loss, if training already measured it (at step 0).
+    """
     results: dict = {"model": config.model, "method": config.method, "quantize": config.quantization,
                      "task": task, **(training or {})}
     if val_set is None:
@@ -30,44 +37,78 @@ def final_report(model, tokenizer, config, task: str, val_set, val_tok, out: Pat
         _write_eval(out, results)
         say(f"run directory: {out}")
         return results
-    results["eval_loss"] = validation_loss()
     results["validation_examples"] = len(val_set.items)
+    compare, rows = config.eval.compare_base, []
+    results["eval_loss"] = validation_loss()
+    if compare and base_eval_loss is not None:
+        results["base_eval_loss"] = base_eval_loss
+    elif compare:
+        with disabled(model):
+            results["base_eval_loss"] = validation_loss()
     if task == "classification":
         device = next(model.parameters()).device
         batches = _batches(val_tok, tokenizer.pad_token_id, config.eval.batch_size, device)
         results["accuracy"] = evaluate.accuracy(model, _progress(batches, "fine-tuned accuracy"))
-        if config.eval.compare_base:
-            with ft.disabled(model):  # the base with its new, untrained head: chance level
+        if compare:
+            with disabled(model):  # the base with its new, untrained head: chance level
                 results["base_accuracy"] = evaluate.accuracy(model, _progress(batches, "base accuracy"))
-        _write_eval(out, results)
-        base = f"{100 * results['base_accuracy']:.1f}% (untrained head) → " if "base_accuracy" in results else ""
-        say(f"validation accuracy: {base}{100 * results['accuracy']:.1f}% fine-tuned")
-        say(f"run directory: {out}")
-        return results
-
-    conversations = val_set.conversations()
-    references = val_set.references()
-    gen = {"max_new_tokens": config.eval.max_new_tokens, "batch_size": config.eval.batch_size}
-    tuned = evaluate.generate(model, tokenizer, conversations, desc="fine-tuned answers", **gen)
-    results["bleu"] = evaluate.bleu(tuned, references)
-    base = None
-    if config.eval.compare_base:
-        with ft.disabled(model):
-            base = evaluate.generate(model, tokenizer, conversations, desc="base answers", **gen)
-        results["base_bleu"] = evaluate.bleu(base, references)
-    rows = [{"prompt": c[-1]["content"], "reference": r[0], "base": b, "tuned": t}
-            for c, r, b, t in zip(conversations, references, base or [""] * len(tuned), tuned)]
-    evaluate.write_samples(out / "samples.md", rows[: max(config.eval.samples, 10)])
+    elif val_set.kind == "chat":
+        rows = _score_answers(model, tokenizer, val_set, config.eval, results)
+        if config.eval.samples:
+            evaluate.write_samples(out / "samples.md", rows[: config.eval.samples])
     _write_eval(out, results)
-    if base is not None:
-        say(f"validation BLEU: base {results['base_bleu']:.1f} → fine-tuned {results['bleu']:.1f} "
-            f"({results['bleu'] - results['base_bleu']:+.1f}); loss {results['eval_loss']:.3f}")
-    else:
-        say(f"validation BLEU: {results['bleu']:.1f}; loss {results['eval_loss']:.3f}")
+    say(summary_line(results))
     for row in rows[: config.eval.samples]:
         say(side_by_side(row))
-    say(f"run directory: {out}  (adapter/, eval.json, samples.md, loss.png, metrics.jsonl)")
+    written = ", ".join(n for n in ("adapter/", "eval.json", "samples.md", "loss.png", "metrics.jsonl")
+                        if n != "samples.md" or (out / n).exists())
+    say(f"run directory: {out}  ({written})")
     return results
+
+
+def answer_scores(answers: list[str], references: list[list[str]]) -> dict[str, float]:
+    """BLEU, chrF and exact match of generated answers: BLEU alone reads 0 for short right answers."""
+    return {"bleu": evaluate.bleu(answers, references), "chrf": evaluate.chrf(answers, references),
+            "exact_match": evaluate.exact_match(answers, references)}
+
+
+def _score_answers(model, tokenizer, val_set, eval_config, results: dict) -> list[dict]:
+    """Generate the fine-tuned (and base) answers, add their scores to `results`; returns sample rows."""
+    conversations, references = val_set.conversations(), val_set.references()
+    gen = {"max_new_tokens": eval_config.max_new_tokens, "batch_size": eval_config.batch_size}
+    tuned = evaluate.generate(model, tokenizer, conversations, desc="fine-tuned answers", **gen)
+    results.update(answer_scores(tuned, references))
+    base = None
+    if eval_config.compare_base:
+        with disabled(model):
+            base = evaluate.generate(model, tokenizer, conversations, desc="base answers", **gen)
+        results.update({f"base_{k}": v for k, v in answer_scores(base, references).items()})
+    return [{"prompt": c[-1]["content"], "reference": r[0], "base": b, "tuned": t}
+            for c, r, b, t in zip(conversations, references, base or [""] * len(tuned), tuned)]
+
+
+def summary_line(results: dict) -> str:
+    """One line with every validation score, base → fine-tuned where the base was scored:
+    `validation (base → fine-tuned): BLEU 13.7 → 65.4 (+51.7) · chrF … · exact match … · loss …`."""
+    shown = [("accuracy", "accuracy", "{:.1%}"), ("bleu", "BLEU", "{:.1f}"), ("chrf", "chrF", "{:.1f}"),
+             ("exact_match", "exact match", "{:.1%}"), ("eval_loss", "loss", "{:.3f}")]
+    parts = []
+    for key, label, form in shown:
+        if key not in results:
+            continue
+        tuned = form.format(results[key])
+        base = results.get("base_" + key)
+        if base is None:
+            parts.append(f"{label} {tuned}")
+        elif key in ("bleu", "chrf"):
+            parts.append(f"{label} {form.format(base)} → {tuned} ({results[key] - base:+.1f})")
+        else:
+            parts.append(f"{label} {form.format(base)} → {tuned}")
+    compared = any(k.startswith("base_") for k in results)
+    head = "validation (base → fine-tuned)" if compared else "validation"
+    if "accuracy" in results and compared:
+        head += "; the base has the new, untrained head"
+    return f"{head}: " + " · ".join(parts)
 
 
 def side_by_side(row: dict) -> str:
@@ -96,33 +137,35 @@ def _batches(data, pad_id: int, batch_size: int, device: torch.device | str = "c
             for i in range(0, len(data.rows), batch_size)]
 
 
-def evaluate_run(model_name: str, adapter: Path | None, *, data: str | None, config=None) -> dict:
-    """`feathertune eval`: loss and BLEU (or accuracy) of an adapter on a data file."""
+def evaluate_run(model_name: str, adapter: Path | None, *, data: str, data_format: str = "auto",
+                 max_length: int = 512, label_names: list[str] | None = None, quantize: str | None = None,
+                 batch_size: int = 16, max_new_tokens: int = 64) -> dict:
+    """`feathertune eval`: the loss, and accuracy (classification) or BLEU, chrF and exact match
+    (chat), of a base model with or without an adapter on a data file.
+
+    Args:
+        label_names: classification labels in the order the adapter's head was trained with; left
+            out, the data file's labels, sorted.
+    """
     from feathertune.data import read_examples, tokenize_examples
-    from feathertune.errors import ConfigError
     from feathertune.models import load_model
     from feathertune.train.loop import _validation_loss
 
-    path = data or (config.data.validation if config else None)
-    if not path:
-        raise ConfigError("no data to evaluate on: pass --data FILE", source="eval")
-    fmt = config.data.validation_format if config and not data else "auto"
-    examples = read_examples(path, fmt)
+    examples = read_examples(data, data_format, label_names=label_names)
     task = "classification" if examples.kind == "classification" else "causal_lm"
-    if task == "classification" and config:  # keep the label order of training
-        examples = read_examples(path, fmt, label_names=read_examples(config.data.train).label_names)
-    model, tokenizer = load_model(model_name, task=task, label_names=examples.label_names)
+    model, tokenizer = load_model(model_name, task=task, label_names=examples.label_names, quantize=quantize)
     if adapter is not None:
-        ft.load_adapter(model, adapter)
-    max_length = config.data.max_length if config else 512
+        load_adapter(model, adapter)
     tokens = tokenize_examples(examples, tokenizer, max_length)
-    results = {"data": str(path), "examples": len(examples.items),
-               "loss": _validation_loss(model, tokens, tokenizer.pad_token_id, task, 16)}
+    results = {"model": model_name, "adapter": str(adapter) if adapter else None, "data": str(data),
+               "examples": len(examples.items),
+               "loss": _validation_loss(model, tokens, tokenizer.pad_token_id, task, batch_size)}
     if task == "classification":
-        results["accuracy"] = evaluate.accuracy(model, _batches(tokens, tokenizer.pad_token_id, 16))
+        results["accuracy"] = evaluate.accuracy(model, _batches(tokens, tokenizer.pad_token_id, batch_size))
     elif examples.kind == "chat":
-        answers = evaluate.generate(model, tokenizer, examples.conversations())
-        results["bleu"] = evaluate.bleu(answers, examples.references())
+        answers = evaluate.generate(model, tokenizer, examples.conversations(), batch_size=batch_size,
+                                    max_new_tokens=max_new_tokens)
+        results.update(answer_scores(answers, examples.references()))
     return results
 
 

@@ -23,8 +23,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-import feathertune as ft
-from feathertune.checkpoint import WEIGHTS_FILE, restore_tensors
+from feathertune.checkpoint import WEIGHTS_FILE, restore_tensors, save_adapter
 
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 
@@ -38,7 +37,7 @@ def save_checkpoint(run_dir: Path, step: int, model: nn.Module, optimizer: torch
     tmp = root / f".step-{step:06d}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    ft.save_adapter(model, tmp / "adapter")
+    save_adapter(model, tmp / "adapter")
     tensors, meta = _optimizer_to_flat(optimizer.state_dict())
     tensors["rng/torch"] = torch.get_rng_state()
     if torch.cuda.is_available():
@@ -72,10 +71,15 @@ def checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
+def read_record(path: Path) -> dict[str, Any]:
+    """A checkpoint's trainer.json: its step, and what the loop stored beside it (total_steps, epoch)."""
+    return json.loads((path / "trainer.json").read_text())
+
+
 def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
                     scheduler: torch.optim.lr_scheduler.LRScheduler) -> dict[str, Any]:
     """Restore adapter weights, optimizer, scheduler and RNGs from `path`; returns trainer.json."""
-    record = json.loads((path / "trainer.json").read_text())
+    record = read_record(path)
     tensors = load_file(str(path / "trainer.safetensors"))
     _copy_adapter_weights(model, path / "adapter")
     optimizer.load_state_dict(_optimizer_from_flat(tensors, record["optimizer"]))
