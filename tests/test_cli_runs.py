@@ -61,17 +61,20 @@ def killed_run(workspace):
     return cfg, overrides, reference
 
 
-def kill(cfg: Path, overrides: list[str], out: Path) -> None:
+def killed_again(workspace, killed_run, name: str) -> Path:
+    """runs/NAME: the killed run of `killed_run` once more, for one test to resume as it likes."""
+    root, _ = workspace
+    cfg, overrides, _ = killed_run
+    out = root / "runs" / name
     killed = train_until_killed([str(cfg), *overrides, f"output={out}"])
     assert killed.returncode == -9, killed.stderr[-2000:]
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-000002", "step-000004"]
+    return out
 
 
 def test_resume_with_only_the_output_finishes_exactly_like_the_unbroken_run(workspace, killed_run, capsys):
-    root, _ = workspace
-    cfg, overrides, reference = killed_run
-    out = root / "runs" / "resume-bare"
-    kill(cfg, overrides, out)
+    reference = killed_run[2]
+    out = killed_again(workspace, killed_run, "resume-bare")
     saved = (out / "config.yaml").read_text()
     capsys.readouterr()
     assert cli(["train", "--resume", f"output={out}"]) == 0
@@ -85,10 +88,8 @@ def test_resume_with_only_the_output_finishes_exactly_like_the_unbroken_run(work
 
 def test_resume_with_a_config_that_differs_is_refused_listing_each_difference(workspace, killed_run, capsys):
     """The defect as seen: the same YAML without the overrides the run was started with."""
-    root, _ = workspace
-    cfg, overrides, _ = killed_run
-    out = root / "runs" / "resume-changed"
-    kill(cfg, overrides, out)
+    cfg = killed_run[0]
+    out = killed_again(workspace, killed_run, "resume-changed")
     saved = (out / "config.yaml").read_text()
     capsys.readouterr()
     assert cli(["train", str(cfg), f"output={out}", "--resume"]) == 2
@@ -103,10 +104,7 @@ def test_resume_with_a_config_that_differs_is_refused_listing_each_difference(wo
 
 
 def test_resume_may_extend_the_number_of_steps_and_says_so(workspace, killed_run, capsys):
-    root, _ = workspace
-    cfg, overrides, _ = killed_run
-    out = root / "runs" / "resume-extended"
-    kill(cfg, overrides, out)
+    out = killed_again(workspace, killed_run, "resume-extended")
     capsys.readouterr()
     assert cli(["train", "--resume", f"output={out}", "train.max_steps=8", "eval.samples=0"]) == 0
     shown = capsys.readouterr().out
@@ -119,10 +117,7 @@ def test_resume_may_extend_the_number_of_steps_and_says_so(workspace, killed_run
 
 
 def test_resume_of_a_checkpoint_past_the_new_end_is_refused(workspace, killed_run, capsys):
-    root, _ = workspace
-    cfg, overrides, _ = killed_run
-    out = root / "runs" / "resume-short"
-    kill(cfg, overrides, out)
+    out = killed_again(workspace, killed_run, "resume-short")
     capsys.readouterr()
     assert cli(["train", "--resume", f"output={out}", "train.max_steps=3"]) == 2
     err = capsys.readouterr().err
