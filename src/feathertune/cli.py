@@ -137,7 +137,7 @@ def resolve_target(path: str | None, model: str | None, *, model_alone: bool = F
     run_file = next((d / "config.yaml" for d in (where, adapter.parent) if (d / "config.yaml").is_file()), None)
     config = load_config(run_file) if run_file else None
     task = "classification" if written.get("task_type") == "SEQ_CLS" else "causal_lm"
-    if config is not None and config.task != "auto":  # runs before 0.2 saved task: auto
+    if config is not None and config.task != "auto":  # older runs saved task: auto
         task = config.task
     labels = None
     if task == "classification":

@@ -21,7 +21,6 @@ import re
 import shutil
 import socket
 import sys
-import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -31,7 +30,7 @@ import torch
 from torch import nn
 
 from feathertune.errors import ConfigError
-from feathertune.files import usual_modes
+from feathertune.files import atomic_directory
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -115,8 +114,9 @@ def load_model(name: str, *, task: str = "causal_lm", num_labels: int | None = N
         kwargs["num_labels"] = num_labels
     offline, unreachable = {}, None
     if hub:
-        unreachable = None if _offline_by_choice() else _unreachable_hub()
-        if _offline_by_choice() or unreachable:
+        by_choice = _offline_by_choice()
+        unreachable = None if by_choice else _unreachable_hub()
+        if by_choice or unreachable:
             # Only the local HF cache, then. huggingface_hub reads HF_HUB_OFFLINE once, at import, and
             # retries an unreachable hub for about a minute; the PEFT adapter lookup needs telling too.
             offline = {"local_files_only": True}
@@ -299,20 +299,19 @@ def _converted_gguf(gguf: Path, target: Path) -> Path:
 
         print(f"feathertune: converting {gguf.name} to safetensors once, ~30 s … (cached in "
               f"{target})", file=sys.stderr, flush=True)
-        with transformers_bars_off():
-            model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-            tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         # The weights are already dequantized; without this, save_pretrained would record the GGUF
         # quantization and later loads would look for a quantizer (and the .gguf) again.
         for owner, attribute in ((model, "hf_quantizer"), (model.config, "quantization_config")):
             if hasattr(owner, attribute):
                 delattr(owner, attribute)
-        with transformers_bars_off():
-            model.save_pretrained(out)
+        model.save_pretrained(out)
         tokenizer.save_pretrained(out)
 
     try:
-        return cached_conversion(target, convert)
+        with transformers_bars_off():
+            return cached_conversion(target, convert)
     except Exception as exc:  # e.g. the gguf package is missing, or an architecture transformers lacks
         raise ConfigError(f"could not convert the GGUF file {gguf} ({_one_line(exc)})",
                           source="load_model") from None
@@ -338,14 +337,7 @@ def cached_conversion(target: Path, convert: Callable[[Path], None]) -> Path:
             return target
         for stale in target.parent.glob(f".{target.name}.tmp-*"):  # left by a killed converter
             shutil.rmtree(stale, ignore_errors=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-        try:
-            convert(tmp)
-            usual_modes(tmp)  # mkdtemp makes it private (0700), save_pretrained its weights (0600)
-            os.rename(tmp, target)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+        atomic_directory(target, convert)
     return target
 
 

@@ -348,11 +348,6 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
     return values
 
 
-def apply_overrides(values: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """`values` with `dotted.key=value` overrides applied (see parse_overrides)."""
-    return merge_values(values, parse_overrides(overrides))
-
-
 def merge_values(base: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:
     """`base` with `changes` laid over it: a section's keys one by one, any other value whole (so
     `lora.rank_pattern={...}` replaces the pattern). A new dict; neither argument is modified."""
