@@ -98,7 +98,7 @@ def test_resume_with_a_config_that_differs_is_refused_listing_each_difference(wo
     assert "6" in err and "3" in err and "Traceback" not in err
     assert cli(["train", "--resume", f"output={out}", "train.lr=0.01", "lora.r=8"]) == 2
     err = capsys.readouterr().err
-    assert "train.lr" in err and "0.005" in err and "0.01" in err and "lora.r" in err, err
+    assert "train.lr" in err and "0.005" in err and "0.01" in err and "adapter.r" in err, err
     assert (out / "config.yaml").read_text() == saved  # a refused resume writes nothing
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-000002", "step-000004"]
 
@@ -346,7 +346,7 @@ def test_lora_variants_are_methods(workspace, method, key, value):
     saved = yaml.safe_load((out / "config.yaml").read_text())
     assert saved["method"] == method
     if method == "pissa":
-        assert saved["lora"]["init"] == "pissa" and written["r"] == 2 * config["lora"]["r"]
+        assert saved["adapter"]["init"] == "pissa" and written["r"] == 2 * config["lora"]["r"]
 
 
 def test_a_variant_that_contradicts_its_lora_section_is_refused(workspace, capsys):
@@ -469,4 +469,4 @@ def test_train_needs_no_config_file_when_the_keys_are_given(workspace, monkeypat
     assert cli(["train", f"model={config['model']}", "data.train=train.jsonl", "train.max_steps=1",
                 "lora.r=2", "output=runs/no-yaml"]) == 0
     saved = yaml.safe_load((root / "runs" / "no-yaml" / "config.yaml").read_text())
-    assert saved["data"]["train"] == str(root / "train.jsonl") and saved["lora"]["r"] == 2
+    assert saved["data"]["train"] == str(root / "train.jsonl") and saved["adapter"]["r"] == 2

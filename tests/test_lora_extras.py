@@ -109,13 +109,13 @@ def test_quickstart_example_runs(capsys):
 
 def test_checkpoint_tensors_restore_a_pissa_adapter_exactly():
     """Resuming puts [A; A0], [B, -B0] back where they came from, frozen PiSSA factors included."""
-    from feathertune.checkpoint import peft_tensors, restore_tensors
+    from feathertune.checkpoint import adapter_file_tensors, restore_tensors
 
     config = ft.LoraConfig(r=4, alpha=8, dropout=0.0, init="pissa", use_rslora=True,
                            target_modules=["q_proj", "down_proj"])
     model = ft.attach(tiny_llama(), config)
     _perturb(model, seed=1)
-    saved = {k: v.detach().clone() for k, v in peft_tensors(model, "default").items()}
+    saved = {k: v.detach().clone() for k, v in adapter_file_tensors(model, "default").items()}
     other = ft.attach(tiny_llama(), config)
     _perturb(other, seed=2)
     restore_tensors(other, "default", saved, "test")

@@ -40,7 +40,7 @@ def test_a_run_writes_every_artifact_and_learns(workspace):
     model, _ = ft.load_model(config["model"])
     ft.load_adapter(model, out / "adapter")
     resolved = yaml.safe_load((out / "config.yaml").read_text())
-    assert resolved["train"]["max_steps"] == 6 and resolved["lora"]["r"] == 4
+    assert resolved["train"]["max_steps"] == 6 and resolved["adapter"]["r"] == 4
 
 
 def test_resume_after_sigkill_ends_with_the_same_adapter(workspace):

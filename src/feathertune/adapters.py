@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import inspect
 import re
 import warnings
 from collections.abc import Iterator
@@ -19,9 +20,18 @@ from torch import nn
 
 from feathertune.config import MethodConfig
 from feathertune.errors import ConfigError
+from feathertune.file_layout import FilePlan
 from feathertune.registry import spec_for
 from feathertune.saved_modules import ModulesToSave, attach_saved_modules
-from feathertune.wrapping import BASE, WrappedLayer, replace_module, wrapped_layers
+from feathertune.wrapping import (
+    BASE,
+    ForwardContext,
+    WrappedLayer,
+    adapter_sites,
+    model_sites,
+    replace_module,
+    wrapped_layers,
+)
 
 STATE = "_feathertune"
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_-]*")
@@ -34,8 +44,8 @@ class AdapterState:
     configs: dict[str, MethodConfig] = dataclasses.field(default_factory=dict)
     modules: dict[str, list[str]] = dataclasses.field(default_factory=dict)  # adapted module names
     active: list[str] = dataclasses.field(default_factory=list)
-    hook: object | None = None  # the forward pre-hook that reads `adapter_names=`
-    mixed_batch: bool = False  # the layers hold per-row adapter names from the last forward
+    context: ForwardContext = dataclasses.field(default_factory=ForwardContext)  # shared by every site
+    hooks: list = dataclasses.field(default_factory=list)  # the model's pre- and post-forward hooks
 
 
 def adapter_state(model: nn.Module) -> AdapterState:
@@ -70,9 +80,8 @@ def attach(model: nn.Module, config: MethodConfig, name: str = "default") -> nn.
 
 
 def _attach(model: nn.Module, config: MethodConfig, name: str, *, init: bool,
-            targets: list[str] | None = None, ranks: dict[str, int] | None = None,
-            saved: list[str] | None = None) -> None:
-    """attach() without the freezing, also used by load_adapter with targets read from the file."""
+            plan: FilePlan | None = None) -> None:
+    """attach() without the freezing, also used by load_adapter with a plan read from the file."""
     config.validate()
     state = model.__dict__.get(STATE) or AdapterState()
     if not isinstance(name, str) or not _NAME.fullmatch(name) or name == BASE:
@@ -82,37 +91,54 @@ def _attach(model: nn.Module, config: MethodConfig, name: str, *, init: bool,
         raise ConfigError(f"an adapter named {name!r} is already attached (adapters: "
                           f"{', '.join(state.configs)}); pick another name or ft.delete_adapter it first",
                           source="attach")
-    if any(layer.is_merged() for _, layer in wrapped_layers(model)):
+    if any(site.is_merged() for _, site in adapter_sites(model)):
         raise ConfigError("the model has merged adapters; call ft.unmerge(model) before attaching",
                           source="attach")
     spec = spec_for(config)
-    modules_to_save = list(getattr(config, "modules_to_save", []) or [])
+    modules_to_save = list(getattr(config, "modules_to_save", None) or [])
     # Wrap modules_to_save first, so that the method's targeting steps around them.
-    saved_names = attach_saved_modules(model, modules_to_save if saved is None else saved, name,
-                                       strict=saved is None)
-    kwargs = {"init": init, "targets": targets, "ranks": ranks} if targets is not None else {"init": init}
+    saved_names = attach_saved_modules(model, modules_to_save if plan is None else plan.saved, name,
+                                       strict=plan is None)
     try:
-        adapted = spec.attach(model, config, name, **kwargs)
+        adapted = spec.attach(model, config, name, init=init, plan=plan)
     except Exception:
-        for n in saved_names:
-            layer = model.get_submodule(n)
-            layer.delete_adapter(name)
-            if not layer.adapter_names():
-                replace_module(model, n, layer.base)
+        _remove_from_sites(model, name)
         raise
     state.configs[name] = config
     state.modules[name] = adapted + saved_names
     model.__dict__[STATE] = state
-    if state.hook is None:
-        state.hook = model.register_forward_pre_hook(_read_adapter_names, with_kwargs=True)
+    for _, site in adapter_sites(model):
+        site.context = state.context
+    if not state.hooks:
+        state.hooks = [model.register_forward_pre_hook(_before_forward, with_kwargs=True),
+                       model.register_forward_hook(_after_forward)]
     set_active(model, [name])
+
+
+def _remove_from_sites(model: nn.Module, name: str) -> None:
+    """Take adapter `name` off every site; a site left with no adapter goes (layers: the original back)."""
+    # Innermost first, so that taking a site out never changes the path of one still to visit.
+    for site_name, site in sorted(adapter_sites(model), key=lambda kv: -kv[0].count(".")):
+        if name in site.adapter_names():
+            site.delete_adapter(name)
+        if not site.adapter_names():
+            parent_name, _, child = site_name.rpartition(".")
+            if isinstance(site, WrappedLayer):
+                replace_module(model, site_name, site.base)
+            else:
+                delattr(model.get_submodule(parent_name) if parent_name else model, child)
+
+
+def adapter_parameters(model: nn.Module, name: str) -> list[nn.Parameter]:
+    """Adapter `name`'s parameters, from every site that holds it (what training updates)."""
+    return [p for _, site in adapter_sites(model) for p in site.adapter_parameters(name)]
 
 
 def set_trainable(model: nn.Module, name: str, trainable: bool) -> None:
     """Freeze every non-adapter parameter; set adapter `name`'s parameters to `trainable`."""
-    mine = {id(p) for _, layer in wrapped_layers(model) for p in layer.adapter_parameters(name)}
-    any_adapter = {id(p) for _, layer in wrapped_layers(model)
-                   for n in layer.adapter_names() for p in layer.adapter_parameters(n)}
+    mine = {id(p) for p in adapter_parameters(model, name)}
+    any_adapter = {id(p) for _, site in adapter_sites(model)
+                   for n in site.adapter_names() for p in site.adapter_parameters(n)}
     for param in model.parameters():
         if id(param) in mine:
             param.requires_grad_(trainable)
@@ -149,12 +175,12 @@ def set_active(model: nn.Module, names: str | list[str]) -> None:
     if unknown:
         raise ConfigError(f"unknown adapter(s) {unknown}; attached: {', '.join(state.configs) or 'none'}",
                           source="set_active")
-    if any(layer.is_merged() for _, layer in wrapped_layers(model)):
+    if any(site.is_merged() for _, site in adapter_sites(model)):
         raise ConfigError("cannot change the active adapters while merged; call ft.unmerge(model) first",
                           source="set_active")
     state.active = names
-    for _, layer in wrapped_layers(model):
-        layer.active = list(names)
+    for _, site in adapter_sites(model):
+        site.active = list(names)
 
 
 def active_adapters(model: nn.Module) -> list[str]:
@@ -164,19 +190,19 @@ def active_adapters(model: nn.Module) -> list[str]:
 @contextlib.contextmanager
 def disabled(model: nn.Module) -> Iterator[nn.Module]:
     """Inside this block the model behaves exactly as the base (merged weights are undone meanwhile)."""
-    layers = [layer for _, layer in wrapped_layers(model)]
-    remerge = [layer for layer in layers if layer.is_merged()]
-    for layer in remerge:
-        layer.unmerge()
-    for layer in layers:
-        layer.disabled = True
+    sites = [site for _, site in adapter_sites(model)]
+    remerge = [site for site in sites if site.is_merged()]
+    for site in remerge:
+        site.unmerge()
+    for site in sites:
+        site.disabled = True
     try:
         yield model
     finally:
-        for layer in layers:
-            layer.disabled = False
-        for layer in remerge:
-            layer.merge()
+        for site in sites:
+            site.disabled = False
+        for site in remerge:
+            site.merge()
 
 
 def delete_adapter(model: nn.Module, name: str) -> None:
@@ -185,14 +211,10 @@ def delete_adapter(model: nn.Module, name: str) -> None:
     if name not in state.configs:
         raise ConfigError(f"no adapter named {name!r}; attached: {', '.join(state.configs)}",
                           source="delete_adapter")
-    if any(layer.is_merged() for _, layer in wrapped_layers(model)):
+    if any(site.is_merged() for _, site in adapter_sites(model)):
         raise ConfigError("cannot delete an adapter while merged; call ft.unmerge(model) first",
                           source="delete_adapter")
-    for layer_name, layer in list(wrapped_layers(model)):
-        if name in layer.adapter_names():
-            layer.delete_adapter(name)
-            if not layer.adapter_names():
-                replace_module(model, layer_name, layer.base)
+    _remove_from_sites(model, name)
     del state.configs[name]
     del state.modules[name]
     state.active = [n for n in state.active if n != name]
@@ -225,6 +247,8 @@ def merge(model: nn.Module, unload: bool = True) -> nn.Module:
         # Innermost first, so that replacing a wrapper never invalidates a name still to visit.
         for layer_name, layer in sorted(wrapped_layers(model), key=lambda kv: -kv[0].count(".")):
             replace_module(model, layer_name, layer.unwrapped())
+        for site in list(model_sites(model)):  # inactive prompt adapters go with the rest of the state
+            delattr(model, site.attribute)
         _forget(model)
     return model
 
@@ -260,26 +284,43 @@ def unmerge(model: nn.Module) -> nn.Module:
 
 def _forget(model: nn.Module) -> None:
     state = model.__dict__.pop(STATE, None)
-    if state is not None and state.hook is not None:
-        state.hook.remove()
+    for hook in state.hooks if state is not None else ():
+        hook.remove()
 
 
-def _read_adapter_names(model: nn.Module, args: tuple, kwargs: dict):
-    """Forward pre-hook: `model(..., adapter_names=[...])` runs one adapter per row of the batch."""
+def _before_forward(model: nn.Module, args: tuple, kwargs: dict):
+    """Forward pre-hook: fill the shared context, then let model-level sites rewrite the inputs.
+
+    `model(..., adapter_names=[...])` runs one adapter per row of the batch.
+    """
     names = kwargs.pop("adapter_names", None)
     state = adapter_state(model)
-    if names is None and not state.mixed_batch:
-        return args, kwargs  # the common case: nothing to set, nothing left over to clear
-    layers = [layer for _, layer in wrapped_layers(model)]
+    context = state.context
     if names is not None:
-        _check_batch_names(model, names, args, kwargs, layers)
-    for layer in layers:  # reset after a mixed batch too, even one whose forward failed
-        layer.batch_adapter_names = None if names is None else list(names)
-    state.mixed_batch = names is not None
+        _check_batch_names(model, names, args, kwargs)
+    context.adapter_names = None if names is None else list(names)  # reset after a mixed batch too
+    context.attention_mask = kwargs.get("attention_mask")
+    cache = kwargs.get("past_key_values")
+    context.past_length = int(cache.get_seq_length()) if hasattr(cache, "get_seq_length") else 0
+    context.decoding = context.past_length > 0
+    sites = list(model_sites(model))
+    if sites:
+        if args:  # the sites rewrite inputs by name: name the positional ones
+            bound = inspect.signature(model.forward).bind_partial(*args, **kwargs)
+            args, kwargs = (), dict(bound.arguments)
+            kwargs.update(kwargs.pop("kwargs", {}))
+        for site in sites:
+            kwargs = site.prepare_inputs(model, kwargs)
     return args, kwargs
 
 
-def _check_batch_names(model, names, args, kwargs, layers: list[WrappedLayer]) -> None:
+def _after_forward(model: nn.Module, args: tuple, output):
+    for site in model_sites(model):
+        output = site.finish_outputs(output)
+    return output
+
+
+def _check_batch_names(model, names, args, kwargs) -> None:
     known = set(adapter_state(model).configs) | {BASE}
     unknown = sorted({n for n in names if n not in known})
     if unknown:
@@ -290,9 +331,18 @@ def _check_batch_names(model, names, args, kwargs, layers: list[WrappedLayer]) -
     if first is not None and first.dim() > 0 and first.shape[0] != len(names):
         raise ConfigError(f"adapter_names has {len(names)} entries but the batch has {first.shape[0]} "
                           f"rows; give one adapter name per row", source="adapter_names")
-    if any(layer.is_merged() for layer in layers):
+    sites = [site for _, site in adapter_sites(model)]
+    if any(site.is_merged() for site in sites):
         raise ConfigError("mixed-batch inference needs unmerged adapters; call ft.unmerge(model) first",
                           source="adapter_names")
+    configs = adapter_state(model).configs
+    refused = sorted({n for site in sites if not site.supports_mixed_batch
+                      for n in site.adapter_names() if n in names})
+    if refused:
+        kinds = ", ".join(f"{n} ({type(configs[n]).__name__})" for n in refused)
+        raise ConfigError(f"adapter_names: {kinds} cannot run in a mixed batch (the method changes the "
+                          f"sequence or the attention itself, for every row at once); run those rows in a "
+                          f"batch of their own with ft.set_active", source="adapter_names")
 
 
 def saved_module_names(model: nn.Module, name: str) -> list[str]:

@@ -1,7 +1,10 @@
-"""Saving and loading adapters in Hugging Face PEFT's layout.
+"""Saving and loading adapters in Hugging Face PEFT's layout, for every method.
 
     adapter_config.json         PEFT's keys and peft_type
     adapter_model.safetensors   base_model.model.<module path>.lora_A.weight, ... (no adapter name)
+
+The method's registry row maps its config to the JSON and back and reads a file's plan (which
+modules, what sizes); each site names its own tensors. This file only writes, reads and checks.
 
 safetensors only: feathertune never unpickles a file. Each file is written to a temporary name in
 the same directory and renamed over the target, so a crash never leaves a half-written adapter;
@@ -20,25 +23,14 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from feathertune.adapters import (
-    STATE,
-    _attach,
-    adapter_state,
-    delete_adapter,
-    saved_module_names,
-    set_active,
-    set_trainable,
-)
+from feathertune import file_layout
+from feathertune.adapters import STATE, _attach, adapter_state, delete_adapter, set_active, set_trainable
 from feathertune.errors import AdapterMismatchError, ConfigError, UnsupportedAdapterError
+from feathertune.file_layout import CONFIG_FILE, WEIGHTS_FILE
 from feathertune.files import atomic_write
-from feathertune.methods import lora_peft
-from feathertune.methods.lora import LoraConfig, LoraLayer
-from feathertune.targeting import name_matches
-from feathertune.wrapping import wrapped_layers
-
-CONFIG_FILE = "adapter_config.json"
-WEIGHTS_FILE = "adapter_model.safetensors"
-PREFIX = "base_model.model."
+from feathertune.registry import METHODS, spec_for, spec_for_peft_type
+from feathertune.saved_modules import ModulesToSave
+from feathertune.wrapping import adapter_sites
 
 
 def save_adapter(model: nn.Module, directory: str | os.PathLike, name: str | None = None) -> Path:
@@ -53,55 +45,48 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, name: str | Non
     state = adapter_state(model)
     name = _pick_adapter(state, name)
     config = state.configs[name]
-    if not isinstance(config, LoraConfig):
-        raise ConfigError(f"saving {type(config).__name__} adapters is not implemented yet", source="save_adapter")
-    tensors = peft_tensors(model, name)
-    adapted = [n for n, layer in wrapped_layers(model) if isinstance(layer, LoraLayer) and name in layer.lora]
-    saved = saved_module_names(model, name)
-    peft_config = lora_peft.config_to_peft(model, config, name, adapted, saved)
+    tensors = adapter_file_tensors(model, name)
+    holding = [path for path, site in adapter_sites(model) if name in site.adapter_names()]
+    saved = [path for path in holding if isinstance(model.get_submodule(path), ModulesToSave)]
+    sites = [path for path in holding if path not in saved]
+    values = spec_for(config).config_to_file(model, config, name, sites, saved)
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
     atomic_write(directory / WEIGHTS_FILE, lambda path: save_file(tensors, path, metadata={"format": "pt"}))
-    text = json.dumps(peft_config, indent=2, sort_keys=True) + "\n"
+    text = json.dumps(values, indent=2, sort_keys=True) + "\n"
     atomic_write(directory / CONFIG_FILE, lambda path: Path(path).write_text(text))
     return directory
 
 
-def peft_tensors(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
-    """Adapter `name`'s tensors under PEFT's names: what save_adapter writes."""
+def adapter_file_tensors(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
+    """Adapter `name`'s tensors under their file names, from every site that holds it."""
     tensors: dict[str, torch.Tensor] = {}
-    for module_name, layer in wrapped_layers(model):
-        if isinstance(layer, LoraLayer) and name in layer.lora:
-            for suffix, tensor in lora_peft.adapter_tensors(layer, name).items():
-                tensors[f"{PREFIX}{module_name}.{suffix}"] = tensor
-    for module_name in saved_module_names(model, name):
-        for key, tensor in model.get_submodule(module_name).copies[name].state_dict().items():
-            tensors[f"{PREFIX}{module_name}.{key}"] = tensor
+    for path, site in adapter_sites(model):
+        if name in site.adapter_names():
+            tensors.update(site.file_tensors(name, path))
     return tensors
 
 
 @torch.no_grad()
 def restore_tensors(model: nn.Module, name: str, tensors: dict[str, torch.Tensor], where: str) -> None:
     """Put tensors saved from this very adapter (a training checkpoint) back into its parameters."""
-    missing = sorted(set(peft_tensors(model, name)) - set(tensors))
+    missing = sorted(set(adapter_file_tensors(model, name)) - set(tensors))
     if missing:
         raise AdapterMismatchError(f"{where}: lacks {len(missing)} tensors of this run's adapter (first: "
                                    f"{missing[0]}); was the config changed since the checkpoint?")
-    for module_name, layer in wrapped_layers(model):
-        if isinstance(layer, LoraLayer) and name in layer.lora:
-            prefix = f"{PREFIX}{module_name}."
-            lora_peft.restore_adapter_tensors(layer, name, {k[len(prefix):]: v for k, v in tensors.items()
-                                                            if k.startswith(prefix)})
-    for module_name in saved_module_names(model, name):
-        copy = model.get_submodule(module_name).copies[name]
-        for key, target in copy.state_dict().items():
-            target.copy_(tensors[f"{PREFIX}{module_name}.{key}"])
+    _load_into_sites(model, name, tensors)
+
+
+def _load_into_sites(model: nn.Module, name: str, tensors: dict[str, torch.Tensor]) -> None:
+    for path, site in adapter_sites(model):
+        if name in site.adapter_names():
+            site.load_file_tensors(name, path, tensors)
 
 
 def load_adapter(model: nn.Module, directory: str | os.PathLike, name: str = "default",
                  trainable: bool = False) -> nn.Module:
-    """Load a PEFT-format LoRA adapter (saved by feathertune or PEFT) onto `model` and activate it.
+    """Load an adapter in PEFT's format (saved by feathertune or PEFT) onto `model` and activate it.
 
     Args:
         name: the name to give the adapter on this model.
@@ -112,135 +97,48 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, name: str = "de
 
     Raises:
         FileNotFoundError: the directory or one of its two files is missing.
-        UnsupportedAdapterError: another peft_type, or a PEFT feature feathertune does not implement.
+        UnsupportedAdapterError: a peft_type feathertune lacks, or a PEFT feature it does not implement.
         AdapterMismatchError: the file's tensors do not fit this model (names and shapes listed).
     """
     directory = Path(directory)
     values = _read_config(directory)
     tensors = _read_tensors(directory)
-    config_path = str(directory / CONFIG_FILE)
+    config_path, weights_path = str(directory / CONFIG_FILE), str(directory / WEIGHTS_FILE)
     peft_type = values.get("peft_type")
-    if peft_type != lora_peft.PEFT_TYPE:
-        raise UnsupportedAdapterError(f"{config_path}: peft_type={peft_type!r} is not supported by feathertune "
-                                      f"yet (supported: {lora_peft.PEFT_TYPE!r})")
-    lora_peft.check_peft_config(values, config_path)
-    config = lora_peft.config_from_peft(values)
-    plan = _plan_lora(model, tensors, config, str(directory / WEIGHTS_FILE))
+    spec = spec_for_peft_type(peft_type)
+    if spec is None:
+        raise UnsupportedAdapterError(f"{config_path}: peft_type={peft_type!r} is not a method feathertune "
+                                      f"has; it loads {', '.join(repr(s.peft_type) for s in METHODS.values())}")
+    config = spec.config_from_file(values, config_path)
+    plan = spec.plan_from_file(model, tensors, config, weights_path)
+    tensors = {plan.renamed.get(k, k): v for k, v in tensors.items() if k not in plan.ignored}
     previous = model.__dict__.get(STATE)
     previous_active = list(previous.active) if previous is not None else None
-    _attach(model, config, name, init=False, targets=plan.targets, ranks=plan.ranks, saved=plan.saved)
+    _attach(model, config, name, init=False, plan=plan)
     try:
-        _copy_tensors(model, name, tensors, plan, str(directory / WEIGHTS_FILE))
+        _check_shapes(adapter_file_tensors(model, name), tensors, weights_path)
     except AdapterMismatchError:
         delete_adapter(model, name)  # leave the model as it was
         if previous_active is not None:
             set_active(model, previous_active)
         raise
+    _load_into_sites(model, name, tensors)
     set_trainable(model, name, trainable)
     return model
 
 
-class _Plan:
-    def __init__(self):
-        self.targets: list[str] = []  # modules with LoRA tensors, in model order
-        self.ranks: dict[str, int] = {}
-        self.saved: list[str] = []  # modules_to_save found in the file
-        self.ignored: list[str] = []  # keys that need no loading (PEFT's copy of a targeted embedding)
-
-
-def _plan_lora(model: nn.Module, tensors: dict[str, torch.Tensor], config: LoraConfig, where: str) -> _Plan:
-    """Which modules the file adapts, with what rank; every key must find its place in the model."""
-    modules = dict(model.named_modules())
-    plan, unplaced, lora_paths = _Plan(), [], {}
-    for key, tensor in tensors.items():
-        if not key.startswith(PREFIX):
-            unplaced.append(f"{key} (does not start with {PREFIX!r})")
-            continue
-        path, suffix = _split_lora_key(key[len(PREFIX):])
-        if path is not None:
-            lora_paths.setdefault(path, {})[suffix] = tensor
-            continue
-        owner = _saved_owner(key[len(PREFIX):], modules, config.modules_to_save)
-        if owner is not None:
-            if owner not in plan.saved:
-                plan.saved.append(owner)
-        else:
-            unplaced.append(key)
-    for path, parts in lora_paths.items():
-        if path not in modules:
-            unplaced.append(f"{PREFIX}{path}.* (this model has no module {path!r})")
-        elif "lora_A.weight" not in parts and "lora_embedding_A" not in parts:
-            if set(parts) == {lora_peft.EMBEDDING_COPY}:
-                plan.ignored.append(path)  # PEFT saves a targeted embedding's base weight; we keep ours
-            else:
-                unplaced.append(f"{PREFIX}{path}.* (no lora_A tensor for this module)")
-    if unplaced:
-        raise _mismatch(f"{where}: tensors that do not fit this model:", unplaced)
-    order = {n: i for i, n in enumerate(modules)}
-    plan.targets = sorted((p for p in lora_paths if p not in plan.ignored), key=order.__getitem__)
-    for path in plan.targets:
-        A = lora_paths[path].get("lora_A.weight", lora_paths[path].get("lora_embedding_A"))
-        plan.ranks[path] = A.shape[0]
-    plan.saved.sort(key=order.__getitem__)
-    return plan
-
-
-def _split_lora_key(rest: str) -> tuple[str | None, str]:
-    """('<module path>', suffix) for a LoRA tensor key, or (None, '') for anything else."""
-    for suffix in lora_peft.FILE_SUFFIXES:
-        if rest.endswith("." + suffix):
-            path = rest[: -len(suffix) - 1]
-            if suffix == lora_peft.LEGACY_MAGNITUDE:
-                suffix = lora_peft.TENSOR_SUFFIXES["magnitude"]
-            return path, suffix
-    return None, ""
-
-
-def _saved_owner(rest: str, modules: dict[str, nn.Module], modules_to_save: list[str]) -> str | None:
-    """The modules_to_save module a key like 'classifier.dense.weight' belongs to, if any."""
-    parts = rest.split(".")
-    for i in range(1, len(parts)):
-        prefix = ".".join(parts[:i])
-        if prefix in modules and name_matches(prefix, modules_to_save):
-            return prefix
-    return None
-
-
-def _copy_tensors(model: nn.Module, name: str, tensors: dict[str, torch.Tensor], plan: _Plan, where: str) -> None:
-    """Copy every tensor into the freshly attached adapter, after checking all shapes at once."""
-    expected: dict[str, torch.Tensor] = {}
-    for path in plan.targets:
-        layer = model.get_submodule(path)
-        adapter = layer.lora[name]
-        fields = {"A": adapter.A, "B": adapter.B, "magnitude": adapter.magnitude, "bias": adapter.bias}
-        for field, suffix in lora_peft.suffixes(layer).items():
-            if fields[field] is not None:
-                expected[f"{PREFIX}{path}.{suffix}"] = fields[field]
-    for path in plan.saved:
-        copy = model.get_submodule(path).copies[name]
-        expected.update({f"{PREFIX}{path}.{k}": v for k, v in copy.state_dict().items()})
+def _check_shapes(expected: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor], where: str) -> None:
+    """Every tensor the attached adapter needs is in the file with its shape, and nothing else is."""
     problems = [f"{k}: missing from the file, the model needs shape {tuple(v.shape)}"
                 for k, v in expected.items() if k not in tensors]
     for key, tensor in tensors.items():
-        if key in expected and tuple(tensor.shape) != tuple(expected[key].shape):
+        if key not in expected:
+            problems.append(f"{key}: in the file, but this adapter has no such tensor")
+        elif tuple(tensor.shape) != tuple(expected[key].shape):
             problems.append(f"{key}: file has shape {tuple(tensor.shape)}, this model needs "
                             f"{tuple(expected[key].shape)}")
-    for path in plan.ignored:
-        key = f"{PREFIX}{path}.{lora_peft.EMBEDDING_COPY}"
-        ours = model.get_submodule(path)
-        ours = getattr(ours, "base", ours).weight
-        if tuple(tensors[key].shape) != tuple(ours.shape):
-            problems.append(f"{key}: file has shape {tuple(tensors[key].shape)}, this model's is {tuple(ours.shape)}")
     if problems:
-        raise _mismatch(f"{where}: the adapter does not fit this model:", problems)
-    with torch.no_grad():
-        for key, target in expected.items():
-            target.copy_(tensors[key].to(target.dtype))
-
-
-def _mismatch(header: str, lines: list[str], shown: int = 20) -> AdapterMismatchError:
-    listing = "\n".join(f"  - {line}" for line in lines[:shown]) + ("\n  …" if len(lines) > shown else "")
-    return AdapterMismatchError(f"{header}\n{listing}\nIs this adapter for another base model?")
+        raise file_layout.mismatch(f"{where}: the adapter does not fit this model:", problems)
 
 
 def _pick_adapter(state, name: str | None) -> str:

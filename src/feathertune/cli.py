@@ -121,7 +121,7 @@ def resolve_target(path: str | None, model: str | None, *, model_alone: bool = F
         model: --model, which replaces the base that the run or the adapter names.
         model_alone: `path` may also be a base model (for `eval`).
     """
-    from feathertune.checkpoint import CONFIG_FILE
+    from feathertune.file_layout import CONFIG_FILE
     from feathertune.train.config import load_config
 
     if path is None:
@@ -159,7 +159,7 @@ def _head_labels(adapter: Path) -> list[str] | None:
     """Labels "0", "1", … for the classification head saved in an adapter file, one per row."""
     from safetensors import safe_open
 
-    from feathertune.checkpoint import PREFIX, WEIGHTS_FILE
+    from feathertune.file_layout import PREFIX, WEIGHTS_FILE
 
     with safe_open(str(adapter / WEIGHTS_FILE), framework="pt") as f:
         for head in ("classifier.out_proj.weight", "classifier.weight", "score.weight"):

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from safetensors import safe_open
 
-from feathertune.checkpoint import CONFIG_FILE, WEIGHTS_FILE
+from feathertune.file_layout import CONFIG_FILE, WEIGHTS_FILE
 
 
 def describe(path: Path) -> str:

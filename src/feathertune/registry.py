@@ -1,15 +1,23 @@
-"""Method name -> how to attach it, whether it merges, and its `peft_type` in adapter files.
+"""Method name -> everything method-specific that the model-level code needs.
 
-One checked table, so that the model-level operations (attach, save, load, merge) never need to
-know which method they are handling.
+One checked table, so that attach, save, load, merge and the training config never need to know
+which method they are handling: a new method is one file in `methods/` plus one row here.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import difflib
 from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
 
 from feathertune.config import MethodConfig
+from feathertune.errors import ConfigError
+from feathertune.file_layout import FilePlan
+from feathertune.methods import lora_peft
 from feathertune.methods.lora import LoraConfig, attach_lora
 
 
@@ -17,14 +25,54 @@ from feathertune.methods.lora import LoraConfig, attach_lora
 class MethodSpec:
     name: str
     config_class: type[MethodConfig]
-    attach: Callable[..., list[str]]  # (model, config, adapter name) -> adapted module names
+    # (model, config, adapter name, *, init=True, plan=None) -> names of the adapted sites
+    attach: Callable[..., list[str]]
     peft_type: str  # the value in adapter_config.json
     mergeable: bool
+    # (model, config, adapter name, site paths, saved module paths) -> adapter_config.json values
+    config_to_file: Callable[[nn.Module, Any, str, list[str], list[str]], dict[str, Any]]
+    # (adapter_config.json values, where) -> config; refuses what feathertune does not implement
+    config_from_file: Callable[[dict[str, Any], str], MethodConfig]
+    # (model, file tensors, config, where) -> how to re-attach so that the tensors fit
+    plan_from_file: Callable[[nn.Module, dict[str, torch.Tensor], Any, str], FilePlan]
+    mixed_batch: bool = True  # per-row adapters (`adapter_names=[...]`) work
 
 
 METHODS: dict[str, MethodSpec] = {
-    "lora": MethodSpec("lora", LoraConfig, attach_lora, peft_type="LORA", mergeable=True),
+    "lora": MethodSpec("lora", LoraConfig, attach_lora, peft_type=lora_peft.PEFT_TYPE, mergeable=True,
+                       config_to_file=lora_peft.config_to_file, config_from_file=lora_peft.config_from_file,
+                       plan_from_file=lora_peft.plan_from_file),
 }
+
+
+# Names the training config also accepts: a registry method with some of its settings fixed.
+# qlora is LoRA over a base quantized to NF4 (the training config's `quantize: nf4`).
+VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
+    "dora": ("lora", {"use_dora": True}), "rslora": ("lora", {"use_rslora": True}),
+    "pissa": ("lora", {"init": "pissa"}), "qlora": ("lora", {}),
+}
+
+
+def method_names() -> list[str]:
+    """Every name `method:` accepts: the registry's, then the variants."""
+    return [*METHODS, *VARIANTS]
+
+
+def resolve_method(name: str, source: str = "method") -> tuple[MethodSpec, dict[str, Any]]:
+    """(the registry row, the settings the name fixes) for a `method:` name.
+
+    Raises:
+        ConfigError: an unknown name; the message lists the available ones.
+    """
+    if name in VARIANTS:
+        base, preset = VARIANTS[name]
+        return METHODS[base], dict(preset)
+    if isinstance(name, str) and name in METHODS:
+        return METHODS[name], {}
+    names = method_names()
+    hint = difflib.get_close_matches(str(name), names, n=1, cutoff=0.5)
+    raise ConfigError(f"method={name!r} is not a method feathertune has" + (f" (did you mean {hint[0]}?)" if hint else "")
+                      + f"; available: {', '.join(names)}", source=source)
 
 
 def spec_for(config: MethodConfig) -> MethodSpec:

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from feathertune.errors import TargetError
+from feathertune.file_layout import PREFIX
 from feathertune.targeting import name_matches
 from feathertune.wrapping import WrappedLayer, inside_wrapper, replace_module
 
@@ -38,6 +39,14 @@ class ModulesToSave(WrappedLayer):
         del self.copies[name]
         self.active = [n for n in self.active if n != name]
 
+    def file_tensors(self, name: str, path: str) -> dict[str, torch.Tensor]:
+        return {f"{PREFIX}{path}.{key}": tensor for key, tensor in self.copies[name].state_dict().items()}
+
+    @torch.no_grad()
+    def load_file_tensors(self, name: str, path: str, tensors: dict[str, torch.Tensor]) -> None:
+        for key, target in self.copies[name].state_dict().items():
+            target.copy_(tensors[f"{PREFIX}{path}.{key}"])
+
     def chosen(self) -> nn.Module:
         """The module the forward uses: the first active adapter's copy, else the original."""
         if self.disabled:
@@ -48,7 +57,7 @@ class ModulesToSave(WrappedLayer):
         return self.base
 
     def forward(self, x: torch.Tensor, *args, **kwargs):
-        if self.batch_adapter_names is None or self.disabled:
+        if self.context.adapter_names is None or self.disabled:
             return self.chosen()(x, *args, **kwargs)
         out = self.base(x, *args, **kwargs)
         for name, rows in self.rows_by_adapter(x.shape[0]).items():

@@ -1,13 +1,22 @@
-"""Wrap, don't subclass: the small protocol every adapter-carrying layer follows.
+"""Adapter sites: the small protocol every place that carries adapters follows.
 
-A wrapper holds the original layer as `self.base` and calls it, so the same adapter sits on
-nn.Linear, a 4-bit linear or HF's Conv1D. Model-level operations (activate, disable, merge, save)
-talk to wrappers only through the methods below, whatever the method inside.
+Two kinds of site:
+- a `WrappedLayer` wraps one layer of the model. It holds the original as `self.base` and calls it
+  (wrap, don't subclass), so the same adapter sits on nn.Linear, a 4-bit linear or HF's Conv1D.
+  LoRA, (IA)³, bottleneck adapters and LLaMA-Adapter live here.
+- a `ModelSite` hangs on the model itself, for methods with no layer to wrap (prompt and prefix
+  tuning): it rewrites the model's inputs before the forward and its outputs after.
+
+Model-level operations (activate, disable, delete, merge, save, load) talk to sites only through
+the methods below, whatever the method inside. Every site of a model shares one `ForwardContext`,
+filled in once per forward by the model's pre-hook.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator
+from typing import Any
 
 import torch
 from torch import nn
@@ -15,15 +24,26 @@ from torch import nn
 BASE = "__base__"  # in a mixed batch: this row uses no adapter
 
 
-class WrappedLayer(nn.Module):
-    """A layer that carries named adapters around a frozen `base` layer."""
+@dataclasses.dataclass
+class ForwardContext:
+    """What one forward of the whole model tells its sites (one object per model, shared)."""
 
-    def __init__(self, base: nn.Module):
+    adapter_names: list[str] | None = None  # mixed batch: one adapter name per row, else None
+    attention_mask: torch.Tensor | None = None  # (B, T) as the caller gave it, before any prompt
+    decoding: bool = False  # a cached decode step: the KV cache already holds the prompt and prefix
+    past_length: int = 0  # tokens already in the KV cache (virtual ones included)
+
+
+class AdapterSite(nn.Module):
+    """A module that carries named adapters. Subclasses implement the adapter-facing methods."""
+
+    supports_mixed_batch = True  # False: `adapter_names=[...]` is refused while this site is in use
+
+    def __init__(self):
         super().__init__()
-        self.base = base
-        self.active: list[str] = []  # adapters whose outputs add up in the forward
+        self.active: list[str] = []  # adapters that run in the forward
         self.disabled = False  # True inside `ft.disabled(model)`: behave exactly as the base
-        self.batch_adapter_names: list[str] | None = None  # mixed batch: one adapter name per row
+        self.context = ForwardContext()  # replaced by the model's shared context on attach
 
     def adapter_names(self) -> list[str]:
         raise NotImplementedError(f"{type(self).__name__} must list its adapters")
@@ -32,8 +52,17 @@ class WrappedLayer(nn.Module):
         raise NotImplementedError(f"{type(self).__name__} must implement delete_adapter")
 
     def adapter_parameters(self, name: str) -> list[nn.Parameter]:
-        """The parameters that belong to adapter `name` on this layer (what training updates)."""
+        """The parameters that belong to adapter `name` on this site (what training updates)."""
         raise NotImplementedError(f"{type(self).__name__} must list adapter parameters")
+
+    def file_tensors(self, name: str, path: str) -> dict[str, torch.Tensor]:
+        """Adapter `name`'s tensors under their names in the adapter file; `path` is this site's
+        module path in the model. What save_adapter writes and what loading expects."""
+        raise NotImplementedError(f"{type(self).__name__} must name its tensors in files")
+
+    def load_file_tensors(self, name: str, path: str, tensors: dict[str, torch.Tensor]) -> None:
+        """Copy the file's tensors (keyed as `file_tensors` keys them, shapes already checked) in."""
+        raise NotImplementedError(f"{type(self).__name__} must load its tensors from files")
 
     def merge(self) -> None:
         """Fold the active adapters into the base weights (idempotent)."""
@@ -44,26 +73,63 @@ class WrappedLayer(nn.Module):
     def is_merged(self) -> bool:
         return False
 
-    def unwrapped(self) -> nn.Module:
-        """The plain layer to put back in the model after `merge` (adapters already folded in)."""
-        return self.base
-
     def rows_by_adapter(self, batch: int) -> dict[str, torch.Tensor]:
         """In a mixed batch: row indices per adapter name, the base rows left out."""
-        names = self.batch_adapter_names
+        names = self.context.adapter_names
         assert names is not None and len(names) == batch, (names, batch)
         groups: dict[str, list[int]] = {}
         for row, name in enumerate(names):
             if name != BASE:
                 groups.setdefault(name, []).append(row)
-        device = next(self.base.parameters(), torch.empty(0)).device
+        device = next(self.parameters(), torch.empty(0)).device
         return {n: torch.tensor(rows, device=device) for n, rows in groups.items()}
+
+
+class WrappedLayer(AdapterSite):
+    """A site that carries named adapters around a frozen `base` layer."""
+
+    def __init__(self, base: nn.Module):
+        super().__init__()
+        self.base = base
+
+    def unwrapped(self) -> nn.Module:
+        """The plain layer to put back in the model after `merge` (adapters already folded in)."""
+        return self.base
+
+
+class ModelSite(AdapterSite):
+    """A site on the model itself (prompt and prefix tuning), registered as the child `attribute`.
+
+    `prepare_inputs` runs before the model's forward and may rewrite its keyword arguments (input
+    embeddings, attention mask, labels, KV cache); `finish_outputs` runs after it.
+    """
+
+    attribute = "feathertune_site"  # the child name on the model; one per method
+
+    def prepare_inputs(self, model: nn.Module, kwargs: dict[str, Any]) -> dict[str, Any]:
+        return kwargs
+
+    def finish_outputs(self, output: Any) -> Any:
+        return output
+
+
+def adapter_sites(model: nn.Module) -> Iterator[tuple[str, AdapterSite]]:
+    """Every site in the model, layer wrappers and model-level sites alike, in model order."""
+    for name, module in model.named_modules():
+        if isinstance(module, AdapterSite):
+            yield name, module
 
 
 def wrapped_layers(model: nn.Module) -> Iterator[tuple[str, WrappedLayer]]:
     for name, module in model.named_modules():
         if isinstance(module, WrappedLayer):
             yield name, module
+
+
+def model_sites(model: nn.Module) -> Iterator[ModelSite]:
+    for module in model.children():
+        if isinstance(module, ModelSite):
+            yield module
 
 
 def unwrap(module: nn.Module) -> nn.Module:
@@ -81,9 +147,10 @@ def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
 
 
 def inside_wrapper(model: nn.Module) -> set[str]:
-    """Names of modules that live inside a wrapper (the wrapped originals and their children)."""
+    """Names of modules that live inside a site (wrapped originals, their children, site parts)."""
     names = set()
-    for prefix, _ in wrapped_layers(model):
+    for prefix, _ in adapter_sites(model):
         names.update(f"{prefix}.{n}" if n else prefix for n, _ in model.get_submodule(prefix).named_modules())
-        names.discard(prefix)
+        if not isinstance(model.get_submodule(prefix), ModelSite):
+            names.discard(prefix)
     return names

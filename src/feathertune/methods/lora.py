@@ -28,12 +28,17 @@ from feathertune import functional as fn
 from feathertune import quant
 from feathertune.config import MethodConfig, type_problem
 from feathertune.errors import ConfigError
+from feathertune.file_layout import PREFIX, FilePlan
 from feathertune.saved_modules import ModulesToSave
 from feathertune.targeting import find_targets, hf_conv1d_class, pattern_key
 from feathertune.wrapping import WrappedLayer, replace_module
 
 INITS = ("default", "gaussian", "pissa")
 BIASES = ("none", "lora_only")
+# PEFT's tensor name after "<module path>." for each LoraAdapter field (lora_peft reads the rest).
+TENSOR_SUFFIXES = {"A": "lora_A.weight", "B": "lora_B.weight", "magnitude": "lora_magnitude_vector",
+                   "bias": "base_layer.bias"}
+EMBEDDING_SUFFIXES = {**TENSOR_SUFFIXES, "A": "lora_embedding_A", "B": "lora_embedding_B"}
 
 
 @dataclasses.dataclass
@@ -225,12 +230,37 @@ class LoraLayer(WrappedLayer):
         del self.lora[name]
         self.active = [n for n in self.active if n != name]
 
+    # --- files -------------------------------------------------------------------------------
+    def suffixes(self) -> dict[str, str]:
+        return TENSOR_SUFFIXES
+
+    def file_tensors(self, name: str, path: str) -> dict[str, torch.Tensor]:
+        adapter = self.lora[name]
+        A, B = adapter.factors()  # PiSSA's frozen start is folded in as extra rank
+        found = {"A": A, "B": B, "magnitude": adapter.magnitude, "bias": adapter.bias}
+        return {f"{PREFIX}{path}.{self.suffixes()[k]}": v for k, v in found.items() if v is not None}
+
+    @torch.no_grad()
+    def load_file_tensors(self, name: str, path: str, tensors: dict[str, torch.Tensor]) -> None:
+        """Inverse of file_tensors: PiSSA's [A; A0], [B, −B0] are split back when resuming its run."""
+        adapter = self.lora[name]
+        key = {field: f"{PREFIX}{path}.{suffix}" for field, suffix in self.suffixes().items()}
+        A, B, r = tensors[key["A"]], tensors[key["B"]], adapter.rank
+        adapter.A.copy_(A[:r])
+        adapter.B.copy_(B[:, :r])
+        if adapter.A0 is not None:  # the frozen starting factors travel in the file as the extra rank
+            adapter.A0.copy_(A[r:])
+            adapter.B0.copy_(-B[:, r:])
+        for field in ("magnitude", "bias"):
+            if getattr(adapter, field) is not None:
+                getattr(adapter, field).copy_(tensors[key[field]])
+
     # --- forward -----------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         base_out = self.base(x, *args, **kwargs)
         if self.disabled or self._merged is not None:
             return base_out
-        if self.batch_adapter_names is not None:
+        if self.context.adapter_names is not None:
             return self.mixed_batch_forward(x, base_out)
         out = base_out
         for name in self.active:
@@ -414,6 +444,9 @@ class LoraEmbedding(LoraLayer):
         num_embeddings, dim = self.base.weight.shape
         return (r, num_embeddings), (dim, r)
 
+    def suffixes(self) -> dict[str, str]:
+        return EMBEDDING_SUFFIXES
+
     def initialise(self, adapter: LoraAdapter, init: str) -> None:
         with torch.no_grad():
             nn.init.zeros_(adapter.A)
@@ -458,17 +491,18 @@ def _check_layer(name: str, module: nn.Module, config: LoraConfig) -> list[str]:
 
 
 def attach_lora(model: nn.Module, config: LoraConfig, name: str, *, init: bool = True,
-                targets: list[str] | None = None, ranks: dict[str, int] | None = None) -> list[str]:
+                plan: FilePlan | None = None) -> list[str]:
     """Wrap the targeted layers of `model` (in place) and add adapter `name` to each.
 
     Args:
-        targets: module names to use instead of resolving `config.target_modules` (for loading).
-        ranks: per-module ranks overriding the config (for loading files whose shapes say so).
         init: False leaves the factors at zero, to be filled from a file.
+        plan: from a file: the modules to adapt (instead of resolving `config.target_modules`) and
+            their ranks (`plan.sizes`, overriding the config where the file's shapes say so).
 
     Returns:
         The full names of the adapted modules.
     """
+    targets, ranks = (plan.targets, plan.sizes) if plan is not None else (None, {})
     if targets is None:
         saved = [n for n, m in model.named_modules() if isinstance(m, ModulesToSave)]
         targets = find_targets(model, config.target_modules, layers=config.layers,
@@ -483,7 +517,6 @@ def attach_lora(model: nn.Module, config: LoraConfig, name: str, *, init: bool =
             module = _layer_class(module)(module)
             replace_module(model, target, module)
         r, alpha = config.rank_and_alpha(target)
-        if ranks and target in ranks:
-            r = ranks[target]
+        r = ranks.get(target, r)
         module.add_adapter(name, r, alpha, config, init=init)
     return targets

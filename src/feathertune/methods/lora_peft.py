@@ -14,29 +14,25 @@ from typing import Any
 import torch
 from torch import nn
 
-from feathertune.errors import UnsupportedAdapterError
-from feathertune.methods.lora import LoraConfig, LoraEmbedding, LoraLayer
+from feathertune import file_layout
+from feathertune.file_layout import PREFIX, FilePlan
+from feathertune.methods.lora import EMBEDDING_SUFFIXES, TENSOR_SUFFIXES, LoraConfig, LoraLayer
 from feathertune.targeting import name_matches
 
 PEFT_TYPE = "LORA"
 
-# Tensor name after "<module path>." for each LoraAdapter field.
-TENSOR_SUFFIXES = {"A": "lora_A.weight", "B": "lora_B.weight", "magnitude": "lora_magnitude_vector",
-                   "bias": "base_layer.bias"}
-EMBEDDING_SUFFIXES = {**TENSOR_SUFFIXES, "A": "lora_embedding_A", "B": "lora_embedding_B"}
 LEGACY_MAGNITUDE = "lora_magnitude_vector.weight"  # older PEFT files name the magnitude so
 EMBEDDING_COPY = "base_layer.weight"  # PEFT saves a targeted embedding's base weight beside its LoRA
-# Every tensor suffix a PEFT LoRA file may hold after "<module path>.".
-FILE_SUFFIXES = (*dict.fromkeys([*TENSOR_SUFFIXES.values(), *EMBEDDING_SUFFIXES.values()]),
-                 LEGACY_MAGNITUDE, EMBEDDING_COPY)
+# Every tensor suffix a PEFT LoRA file may hold after "<module path>.", longest first so that
+# "lora_magnitude_vector.weight" is not read as "…weight".
+FILE_SUFFIXES = tuple(sorted({*TENSOR_SUFFIXES.values(), *EMBEDDING_SUFFIXES.values(), LEGACY_MAGNITUDE,
+                              EMBEDDING_COPY}, key=len, reverse=True))
 
 # PEFT LoraConfig keys feathertune reads, or that only describe the file (no effect on the maths).
-USED_KEYS = {"peft_type", "r", "lora_alpha", "lora_dropout", "target_modules", "rank_pattern",
+USED_KEYS = {"r", "lora_alpha", "lora_dropout", "target_modules", "rank_pattern",
              "alpha_pattern", "modules_to_save", "init_lora_weights", "use_rslora", "use_dora", "bias",
-             "layers_to_transform", "layers_pattern", "fan_in_fan_out"}
-DESCRIPTIVE_KEYS = {"task_type", "base_model_name_or_path", "revision", "inference_mode", "auto_mapping",
-                    "peft_version", "megatron_core", "qalora_group_size", "exclude_modules", "eva_config",
-                    "corda_config"}
+             "layers_to_transform", "layers_pattern", "fan_in_fan_out",
+             "megatron_core", "qalora_group_size", "exclude_modules", "eva_config", "corda_config"}
 # Keys that change the maths unless they hold this value; feathertune does not implement them.
 MUST_BE_DEFAULT = {"layer_replication": None, "lora_bias": False, "use_qalora": False,
                    "alora_invocation_tokens": None, "arrow_config": None, "trainable_token_indices": None,
@@ -47,32 +43,23 @@ MUST_BE_DEFAULT = {"layer_replication": None, "lora_bias": False, "use_qalora": 
 BASE_PRESERVING_INITS = {True, False, "gaussian", "eva", "orthogonal"}
 
 
-def _is_empty(value: Any) -> bool:
-    return value is None or value is False or value == {} or value == [] or value == ""
-
-
 def check_peft_config(values: dict[str, Any], where: str) -> None:
     """Refuse a PEFT LoRA config that uses anything feathertune does not implement, naming each."""
-    problems = []
-    for key, value in values.items():
-        if key in USED_KEYS or key in DESCRIPTIVE_KEYS:
-            continue
-        if key in MUST_BE_DEFAULT:
-            default = MUST_BE_DEFAULT[key]
-            if value != default and not (_is_empty(value) and _is_empty(default)):
-                problems.append(f"{key}={value!r} (feathertune supports only {default!r})")
-        elif not _is_empty(value):
-            problems.append(f"{key}={value!r} is a key feathertune does not know; it may change the maths")
+    found = []
     init = values.get("init_lora_weights", True)
     if init not in BASE_PRESERVING_INITS:
-        problems.append(f"init_lora_weights={init!r}: this init rewrites the base weights, so the adapter "
-                        f"only works on that rewritten base; re-save it from PEFT with "
-                        f"path_initial_model_for_weight_conversion to get a plain LoRA adapter")
+        found.append(f"init_lora_weights={init!r}: this init rewrites the base weights, so the adapter "
+                     f"only works on that rewritten base; re-save it from PEFT with "
+                     f"path_initial_model_for_weight_conversion to get a plain LoRA adapter")
     if values.get("bias", "none") not in ("none", "lora_only"):
-        problems.append(f"bias={values.get('bias')!r} (feathertune supports 'none' and 'lora_only')")
-    if problems:
-        raise UnsupportedAdapterError(f"{where}: this LoRA adapter uses what feathertune does not support "
-                                      f"yet, so it is not loaded:\n" + "\n".join(f"  - {p}" for p in problems))
+        found.append(f"bias={values.get('bias')!r} (feathertune supports 'none' and 'lora_only')")
+    file_layout.refuse_unknown(values, USED_KEYS, MUST_BE_DEFAULT, where, "LoRA", extra=found)
+
+
+def config_from_file(values: dict[str, Any], where: str) -> LoraConfig:
+    """The LoraConfig a PEFT adapter_config.json describes, after refusing what we lack."""
+    check_peft_config(values, where)
+    return config_from_peft(values)
 
 
 def config_from_peft(values: dict[str, Any]) -> LoraConfig:
@@ -95,34 +82,6 @@ def config_from_peft(values: dict[str, Any]) -> LoraConfig:
     }, source="adapter_config.json")
 
 
-def suffixes(layer: LoraLayer) -> dict[str, str]:
-    return EMBEDDING_SUFFIXES if isinstance(layer, LoraEmbedding) else TENSOR_SUFFIXES
-
-
-def adapter_tensors(layer: LoraLayer, name: str) -> dict[str, torch.Tensor]:
-    """This layer's tensors of adapter `name`, keyed by PEFT's suffix."""
-    adapter = layer.lora[name]
-    A, B = adapter.factors()  # PiSSA's frozen start is folded in as extra rank
-    found = {"A": A, "B": B, "magnitude": adapter.magnitude, "bias": adapter.bias}
-    return {suffixes(layer)[k]: v for k, v in found.items() if v is not None}
-
-
-def restore_adapter_tensors(layer: LoraLayer, name: str, tensors: dict[str, torch.Tensor]) -> None:
-    """Inverse of adapter_tensors on the same adapter: PiSSA's [A; A0], [B, −B0] are split back."""
-    adapter = layer.lora[name]
-    names = suffixes(layer)
-    A, B = tensors[names["A"]], tensors[names["B"]]
-    r = adapter.rank
-    adapter.A.copy_(A[:r])
-    adapter.B.copy_(B[:, :r])
-    if adapter.A0 is not None:  # the frozen starting factors travel in the file as the extra rank
-        adapter.A0.copy_(A[r:])
-        adapter.B0.copy_(-B[:, r:])
-    for field in ("magnitude", "bias"):
-        if getattr(adapter, field) is not None:
-            getattr(adapter, field).copy_(tensors[names[field]])
-
-
 def file_rank_and_alpha(layer: LoraLayer, name: str, config: LoraConfig, module_name: str) -> tuple[int, float]:
     """(r, alpha) to write for this module, such that PEFT computes the same scale from them."""
     adapter = layer.lora[name]
@@ -134,7 +93,7 @@ def file_rank_and_alpha(layer: LoraLayer, name: str, config: LoraConfig, module_
     return file_r, alpha * (file_r / r if not config.use_rslora else math.sqrt(file_r / r))
 
 
-def config_to_peft(model: nn.Module, config: LoraConfig, name: str, adapted: list[str],
+def config_to_file(model: nn.Module, config: LoraConfig, name: str, adapted: list[str],
                    saved: list[str]) -> dict[str, Any]:
     """PEFT's adapter_config.json for adapter `name`, with the targets resolved to this model."""
     layers = {m: model.get_submodule(m) for m in adapted if isinstance(model.get_submodule(m), LoraLayer)}
@@ -144,13 +103,8 @@ def config_to_peft(model: nn.Module, config: LoraConfig, name: str, adapted: lis
     # Explicit per-module entries, so the file does not depend on how patterns are interpreted.
     rank_pattern = {_exact(m): p[0] for m, p in pairs.items() if p[0] != r}
     alpha_pattern = {_exact(m): p[1] for m, p in pairs.items() if p[1] != alpha}
-    base_name = getattr(getattr(model, "config", None), "name_or_path", None) or None
     return {
-        "peft_type": PEFT_TYPE,
-        "task_type": peft_task_type(model, saved),
-        "base_model_name_or_path": base_name,
-        "revision": None,
-        "inference_mode": True,
+        **file_layout.common_header(model, PEFT_TYPE, saved),
         "r": r,
         "lora_alpha": alpha,
         "lora_dropout": config.dropout,
@@ -173,20 +127,6 @@ def config_to_peft(model: nn.Module, config: LoraConfig, name: str, adapted: lis
     }
 
 
-def peft_task_type(model: nn.Module, saved: list[str]) -> str | None:
-    """PEFT's task_type for a transformers model: what AutoPeftModelFor… reads to rebuild the model.
-
-    SEQ_CLS also tells PEFT that the classification head ('classifier' or 'score') is saved with the
-    adapter, so it is written only when the head is among the saved modules; else None.
-    """
-    kind = type(model).__name__
-    if kind.endswith("ForCausalLM"):
-        return "CAUSAL_LM"
-    if kind.endswith("ForSequenceClassification") and {"classifier", "score"} & set(saved):
-        return "SEQ_CLS"
-    return None
-
-
 def resolved_targets(model: nn.Module, adapted: list[str], saved: list[str]) -> list[str]:
     """The shortest target list that PEFT's matching rule maps to exactly `adapted` on this model.
 
@@ -207,3 +147,31 @@ def _wrapped_part(name: str, wrappers: list[str]) -> bool:
 def _exact(module_name: str) -> str:
     """A rank/alpha pattern key that matches this one module under PEFT's rule '(.*\\.)?(key)$'."""
     return "^" + module_name.replace(".", r"\.")
+
+
+def plan_from_file(model: nn.Module, tensors: dict[str, torch.Tensor], config: LoraConfig, where: str) -> FilePlan:
+    """Which modules the file adapts, with what rank (`plan.sizes`); every key must find its place."""
+    by_path, plan = file_layout.group_by_module(model, tensors, FILE_SUFFIXES, config.modules_to_save, where)
+    unplaced = []
+    for path in list(plan.targets):
+        parts = by_path[path]
+        if LEGACY_MAGNITUDE in parts:
+            plan.renamed[f"{PREFIX}{path}.{LEGACY_MAGNITUDE}"] = f"{PREFIX}{path}.{TENSOR_SUFFIXES['magnitude']}"
+        if EMBEDDING_COPY in parts:
+            # PEFT saves a targeted embedding's base weight; we keep ours, after checking its shape.
+            key = f"{PREFIX}{path}.{EMBEDDING_COPY}"
+            plan.ignored.append(key)
+            ours = getattr(model.get_submodule(path), "base", model.get_submodule(path)).weight
+            if tuple(parts[EMBEDDING_COPY].shape) != tuple(ours.shape):
+                unplaced.append(f"{key}: file has shape {tuple(parts[EMBEDDING_COPY].shape)}, this model's is "
+                                f"{tuple(ours.shape)}")
+        A = parts.get(TENSOR_SUFFIXES["A"], parts.get(EMBEDDING_SUFFIXES["A"]))
+        if A is not None:
+            plan.sizes[path] = A.shape[0]
+        elif set(parts) == {EMBEDDING_COPY}:
+            plan.targets.remove(path)
+        else:
+            unplaced.append(f"{PREFIX}{path}.* (no lora_A tensor for this module)")
+    if unplaced:
+        raise file_layout.mismatch(f"{where}: tensors that do not fit this model:", unplaced)
+    return plan

@@ -1,8 +1,8 @@
 """The training configuration: one YAML file, overridable as `dotted.key=value`, checked all at once.
 
     model: smollm2-135m-instruct
-    method: lora
-    lora: {r: 16, alpha: 32, target_modules: all-linear}
+    method: lora                  # any registry name (feathertune.registry): lora, ia3, prompt_tuning, …
+    adapter: {r: 16, alpha: 32, target_modules: all-linear}   # built by the method's own config class
     data: {train: data/e2e/train.jsonl, validation: data/e2e/validation.jsonl, max_length: 256}
     train: {max_steps: 200, batch_size: 8, lr: 1.0e-3}
     output: runs/e2e-lora
@@ -29,22 +29,19 @@ from typing import Any
 
 import yaml
 
+from feathertune import registry
+from feathertune.config import MethodConfig
 from feathertune.errors import ConfigError
-from feathertune.methods.lora import LoraConfig
 
 TASKS = ("auto", "causal_lm", "classification")
 SCHEDULES = ("cosine", "linear", "constant")
 OPTIMIZERS = ("adamw", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit")
-# Method names and what each sets in the `lora:` section; qlora is LoRA over a base quantized to NF4.
-METHOD_VARIANTS: dict[str, dict[str, Any]] = {
-    "lora": {}, "dora": {"use_dora": True}, "rslora": {"use_rslora": True}, "pissa": {"init": "pissa"},
-    "qlora": {},
-}
-METHODS = tuple(METHOD_VARIANTS)
 QUANTIZATIONS = ("nf4",)
 PRECISIONS = ("fp32", "bf16")
 FORMATS = ("auto", "chat", "alpaca", "prompt_completion", "references", "text", "classification")
-SECTIONS = ("lora", "data", "train", "eval")
+SECTIONS = ("adapter", "data", "train", "eval")
+LORA_SPELLING = "lora"  # accepted for `adapter:` when the method is LoRA (recipes and runs from before `adapter:`)
+_SECTION_KEYS = (*SECTIONS, LORA_SPELLING)
 PATH_KEYS = ("output", "data.train", "data.validation")  # `model` too, when it names a path
 # What may change when a run resumes: how long it trains and how often it logs, evaluates and
 # checkpoints. Everything else would make the resumed run a different run.
@@ -155,11 +152,11 @@ class EvalConfig:
 @dataclasses.dataclass
 class TrainConfig:
     model: str = "smollm2-135m-instruct"  # embedded name, local HF directory, .gguf file or hub id
-    method: str = "lora"  # lora, dora, rslora, pissa, or qlora: LoRA over a 4-bit NF4 base (= quantize: nf4)
+    method: str = "lora"  # a registry name (lora, ia3, bottleneck, …) or a LoRA variant (dora, rslora, pissa, qlora)
     quantize: str | None = None  # nf4: store the base's linear layers in 4 bits (QLoRA); null: full precision
     task: str = "auto"  # causal_lm or classification; auto: from the data format
     output: str = "runs/latest"  # the run directory
-    lora: LoraConfig = dataclasses.field(default_factory=lambda: LoraConfig(r=16, alpha=32))
+    adapter: MethodConfig = dataclasses.field(default_factory=lambda: registry.METHODS["lora"].config_class())
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     train: LoopConfig = dataclasses.field(default_factory=LoopConfig)
     eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
@@ -169,10 +166,14 @@ class TrainConfig:
         if not isinstance(self.model, str) or not self.model:
             found.append("model is required: an embedded name (smollm2-135m-instruct, minilm-l6), a local "
                          "model directory, a .gguf file or a hub id")
-        if self.method not in METHODS:
-            hint = difflib.get_close_matches(str(self.method), METHODS, n=1, cutoff=0.5)
-            found.append(f"method={self.method!r} is not a method feathertune has"
-                         + (f" (did you mean {hint[0]}?)" if hint else "") + f"; available: {', '.join(METHODS)}")
+        try:
+            spec, _ = registry.resolve_method(self.method)
+        except ConfigError as exc:
+            found += exc.problems
+        else:
+            if type(self.adapter) is not spec.config_class:
+                found.append(f"adapter is a {type(self.adapter).__name__}, but method={self.method} takes a "
+                             f"{spec.config_class.__name__}")
         if self.quantize is not None and self.quantize not in QUANTIZATIONS:
             found.append(f"quantize={self.quantize!r} is not one of {', '.join(QUANTIZATIONS)} (or null)")
         if self.task not in TASKS:
@@ -206,7 +207,9 @@ class TrainConfig:
         if not isinstance(values, dict):
             raise ConfigError(f"expected a mapping of keys to values, got {type(values).__name__}", source=source)
         problems: list[str] = []
-        sections = {"lora": LoraConfig, "data": DataConfig, "train": LoopConfig, "eval": EvalConfig}
+        values, adapter_prefix, spelling_problems = _adapter_spelling(values)
+        problems += spelling_problems
+        sections = {"adapter": None, "data": DataConfig, "train": LoopConfig, "eval": EvalConfig}
         top = {k: v for k, v in values.items() if k not in sections}
         built: dict[str, Any] = {}
         for name, section_cls in sections.items():
@@ -214,29 +217,52 @@ class TrainConfig:
             if not isinstance(section, dict):
                 problems.append(f"{name} must be a mapping, got {section!r}")
                 section = {}
-            if name == "lora":
-                section, variant_problems = _lora_section(section, values.get("method", "lora"))
-                problems += variant_problems
-            built[name], section_problems = _build(section_cls, section, prefix=f"{name}.")
+            prefix = f"{name}."
+            if name == "adapter":
+                section_cls, section, method_problems = _method_section(section, values.get("method", "lora"),
+                                                                        adapter_prefix)
+                problems += method_problems
+                prefix = adapter_prefix
+            built[name], section_problems = _build(section_cls, section, prefix=prefix)
             problems += section_problems
         config, top_problems = _build(cls, top, prefix="", nested=built)
-        problems += top_problems
+        problems += [p for p in top_problems if not p.startswith("adapter is a ")]  # said once, above
         if problems:
-            raise ConfigError(problems, source=source)
+            raise ConfigError(list(dict.fromkeys(problems)), source=source)
         return config
 
 
-def _lora_section(section: dict[str, Any], method: Any) -> tuple[dict[str, Any], list[str]]:
-    """The `lora:` section with the training defaults (r=16, alpha=32) and what `method` implies
-    (method: dora sets use_dora, ...); a section that contradicts its method is a problem."""
-    section = {"r": 16, "alpha": 32, **section}
+def _adapter_spelling(values: dict[str, Any]) -> tuple[dict[str, Any], str, list[str]]:
+    """Values with `lora:` read as `adapter:`; the prefix to name its keys by; problems."""
+    if LORA_SPELLING not in values:
+        return values, "adapter.", []
+    values = dict(values)
+    lora = values.pop(LORA_SPELLING)
+    method = values.get("method", "lora")
     problems = []
-    for key, value in METHOD_VARIANTS.get(method, {}).items() if isinstance(method, str) else ():
+    if isinstance(method, str) and method in registry.method_names() and registry.resolve_method(method)[0].name != "lora":
+        problems.append(f"lora: is LoRA's section, but method={method}; give this method's settings in adapter:")
+    if "adapter" in values:
+        problems.append("the config has both adapter: and lora: (the older spelling of adapter: for LoRA); keep one")
+    values["adapter"] = lora
+    return values, "lora.", problems
+
+
+def _method_section(section: dict[str, Any], method: Any, prefix: str) -> tuple[type, dict[str, Any], list[str]]:
+    """(the method's config class, the section with what `method` fixes, problems): method: dora
+    sets use_dora, …; a section that contradicts its method is a problem. An unknown method is
+    reported by TrainConfig itself; its section is then read as LoRA's, to report its own problems."""
+    try:
+        spec, preset = registry.resolve_method(method)
+    except ConfigError:
+        return registry.METHODS["lora"].config_class, {}, []
+    section, problems = dict(section), []
+    for key, value in preset.items():
         if key in section and section[key] != value:
-            problems.append(f"method={method} means lora.{key}={value!r}, but the config sets "
-                            f"lora.{key}={section[key]!r}; drop one of the two")
+            problems.append(f"method={method} means {prefix}{key}={value!r}, but the config sets "
+                            f"{prefix}{key}={section[key]!r}; drop one of the two")
         section[key] = value
-    return section, problems
+    return spec.config_class, section, problems
 
 
 class _Loader(yaml.SafeLoader):
@@ -344,6 +370,8 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
             value = parse_yaml(raw) if raw else ""
         except yaml.YAMLError:
             value = raw
+        if key.split(".")[0] == LORA_SPELLING:  # one name for the section, whichever way it was written
+            key = "adapter" + key[len(LORA_SPELLING):]
         values = merge_values(values, unflatten({key: value}))
     return values
 
@@ -352,8 +380,11 @@ def merge_values(base: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any
     """`base` with `changes` laid over it: a section's keys one by one, any other value whole (so
     `lora.rank_pattern={...}` replaces the pattern). A new dict; neither argument is modified."""
     merged = dict(base)
+    spelled = {"adapter": LORA_SPELLING, LORA_SPELLING: "adapter"}
     for key, value in changes.items():
-        if key in SECTIONS and isinstance(value, dict) and isinstance(merged.get(key), dict):
+        if key in spelled and spelled[key] in merged and key not in merged:
+            key = spelled[key]  # `lora.r=4` over a file's adapter: section, or the other way round
+        if key in _SECTION_KEYS and isinstance(value, dict) and isinstance(merged.get(key), dict):
             merged[key] = {**merged[key], **value}
         else:
             merged[key] = value
@@ -376,7 +407,7 @@ def flatten_values(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     """The inverse of unflatten, for the config's sections (a section's own dict values stay whole)."""
     flat = {}
     for key, value in values.items():
-        if not prefix and key in SECTIONS and isinstance(value, dict):
+        if not prefix and key in _SECTION_KEYS and isinstance(value, dict):
             flat.update(flatten_values(value, prefix=f"{key}."))
         else:
             flat[prefix + key] = value
@@ -426,8 +457,8 @@ def _build(cls, values: dict[str, Any], prefix: str, nested: dict[str, Any] | No
         else:
             value = f.default_factory()
         object.__setattr__(obj, name, value)
-    if cls is LoraConfig:
-        problems += [f"lora.{p}" for p in obj.problems()]
+    if issubclass(cls, MethodConfig):  # its problems name bare fields
+        problems += [f"{prefix}{p}" for p in obj.problems()]
     else:
         problems += obj.problems()
     return obj, problems

@@ -280,11 +280,16 @@ def _prepare_model(config: TrainConfig, task: str, procs: distributed.Processes,
         held = quantized_bytes(model)
         say(f"{config.quantization}: {held['layers']} linear layers in {held['bytes'] / 2**20:.1f} MiB "
             f"({held['bytes_per_parameter']:.3f} bytes per parameter)")
-    lora = config.lora
-    if head and not lora.modules_to_save:  # the new head starts random: it must train, and be saved too
-        lora = dataclasses.replace(lora, modules_to_save=[head])
+    adapter = config.adapter
+    if head and not getattr(adapter, "modules_to_save", None):
+        # The new head starts random: it must train, and be saved with the adapter too.
+        if not hasattr(adapter, "modules_to_save"):
+            raise ConfigError(f"method={config.method} cannot train a classifier: it has no modules_to_save "
+                              f"for the new head {head!r}; use it on a causal LM, or pick another method",
+                              source="method")
+        adapter = dataclasses.replace(adapter, modules_to_save=[head])
     torch.manual_seed(config.train.seed)  # the adapter's initialisation is part of the run's seed
-    attach(model, lora)
+    attach(model, adapter)
     if config.train.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     trainable, total = trainable_parameters(model)

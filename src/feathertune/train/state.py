@@ -23,7 +23,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from feathertune.checkpoint import WEIGHTS_FILE, restore_tensors, save_adapter
+from feathertune.checkpoint import restore_tensors, save_adapter
+from feathertune.file_layout import WEIGHTS_FILE
 
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 
