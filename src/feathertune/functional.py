@@ -84,27 +84,48 @@ def dora_row_norm(W: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: floa
     return (w_sq_norm + 2 * scale * cross + scale * scale * quad).clamp_min(0).sqrt()
 
 
-def dora_weight(W: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: float,
-                magnitude: torch.Tensor) -> torch.Tensor:
-    """DoRA's merged weight m · (W + s·B·A) / ‖W + s·B·A‖_row (Liu et al. 2024, eq. 5).
+def dora_ratio(magnitude: torch.Tensor, norm: torch.Tensor) -> torch.Tensor:
+    """c = m/‖W + s·B·A‖ per output row (any shapes with one entry per row). -> (out,)"""
+    return magnitude.reshape(-1) / norm.reshape(-1)
 
-    `magnitude` has one entry per output row, in any shape with that many elements.
+
+def dora_update(base: torch.Tensor, lora: torch.Tensor, ratio: torch.Tensor, channel_dim: int) -> torch.Tensor:
+    """What a DoRA adapter adds to the base: (c − 1)·base + c·lora, with c = dora_ratio(m, ‖W + s·B·A‖).
+
+    The same formula serves the forward and the merge, on outputs or on weights:
+      forward: base = W·x (bias removed), lora = s·B·A·x, channel_dim = the output-feature axis;
+               base(x) + this = m·V·x/‖V‖ + bias (Liu et al. 2024, eq. 5)
+      merge:   base = W, lora = s·B·A, channel_dim = 0; W + this = m·V/‖V‖, DoRA's merged weight.
+    The norm inside c is detached by the caller in the forward (the paper's §4.3: treat it as a
+    constant for the gradient, which saves memory at no cost in accuracy).
     """
-    V = W + lora_delta_weight(A, B, scale)
-    norm = squared_row_norm(V).sqrt()
-    col = (magnitude.reshape(-1) / norm).reshape(-1, *([1] * (W.dim() - 1)))
-    return col * V
-
-
-def dora_output(base_out_no_bias: torch.Tensor, lora_out: torch.Tensor, magnitude: torch.Tensor,
-                norm: torch.Tensor, channel_dim: int) -> torch.Tensor:
-    """The DoRA update to add to the base output: (m/‖V‖ − 1)·W·x + (m/‖V‖)·s·B·A·x.
-
-    Adding it to `base(x)` gives m·(W + s·B·A)·x/‖V‖ + bias. `lora_out` is already scaled by s.
-    The norm is detached by the caller (the paper's §4.3: treat it as a constant for the gradient,
-    which saves memory at no cost in accuracy).
-    """
-    shape = [1] * base_out_no_bias.dim()
+    shape = [1] * base.dim()
     shape[channel_dim] = -1
-    ratio = (magnitude.reshape(-1) / norm).reshape(shape)
-    return (ratio - 1) * base_out_no_bias + ratio * lora_out
+    c = ratio.reshape(shape)
+    return (c - 1) * base + c * lora
+
+
+def merged_weight(W: torch.Tensor, updates: list[tuple[torch.Tensor, torch.Tensor | None]]) -> torch.Tensor:
+    """W with several adapters folded in: W + Σᵢ uᵢ, uᵢ = s·Bᵢ·Aᵢ (LoRA) or dora_update(W, s·Bᵢ·Aᵢ) (DoRA).
+
+    `updates`: (s·Bᵢ·Aᵢ as a weight, cᵢ = mᵢ/‖W + s·Bᵢ·Aᵢ‖ per row or None for LoRA). Every term is
+    computed from the same original W, so the result is W·Π + Σ cᵢ·s·Bᵢ·Aᵢ with Π = 1 + Σ(cᵢ − 1).
+    """
+    out = W.clone()
+    for delta, ratio in updates:
+        out += delta if ratio is None else dora_update(W, delta, ratio, channel_dim=0)
+    return out
+
+
+def unmerged_weight(merged: torch.Tensor, updates: list[tuple[torch.Tensor, torch.Tensor | None]]) -> torch.Tensor:
+    """The inverse of merged_weight for the same `updates`: W = (W' − Σ cᵢ·s·Bᵢ·Aᵢ) / Π."""
+    shape = (-1,) + (1,) * (merged.dim() - 1)
+    slope = torch.ones(merged.shape[0], dtype=merged.dtype, device=merged.device)
+    offset = torch.zeros_like(merged)
+    for delta, ratio in updates:
+        if ratio is None:
+            offset += delta
+        else:
+            offset += ratio.reshape(shape) * delta
+            slope += ratio.reshape(-1) - 1
+    return (merged - offset) / slope.reshape(shape)

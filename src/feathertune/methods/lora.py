@@ -284,8 +284,8 @@ class LoraLayer(WrappedLayer):
             with torch.no_grad():  # detached norm, DoRA §4.3
                 norm = self.dora_norm(adapter)
             no_bias = base_out if bias is None else base_out - self.broadcast(bias, base_out)
-            delta = fn.dora_output(no_bias, lora_out, adapter.magnitude.to(base_out.dtype),
-                                   norm.to(base_out.dtype), self.channel_dim)
+            ratio = fn.dora_ratio(adapter.magnitude.to(base_out.dtype), norm.to(base_out.dtype))
+            delta = fn.dora_update(no_bias, lora_out, ratio, self.channel_dim)
         else:
             delta = lora_out
         if adapter.bias is not None and bias is not None:
@@ -327,10 +327,9 @@ class LoraLayer(WrappedLayer):
         W = self.base_weight()
         work = torch.promote_types(W.dtype, torch.float32)
         W32 = W.to(work)
-        row_scales = {n: self.lora[n].magnitude.reshape(-1).to(work) / self.dora_norm(self.lora[n]).to(work)
+        row_scales = {n: fn.dora_ratio(self.lora[n].magnitude.to(work), self.dora_norm(self.lora[n]).to(work))
                       for n in names if self.lora[n].magnitude is not None}
-        total, added = self.merged_terms(names, row_scales, W32)
-        self.write_base_weight_(W32 * total + added)
+        self.write_base_weight_(fn.merged_weight(W32, self.merge_updates(names, row_scales, W32.dtype)))
         bias = getattr(self.base, "bias", None)
         original_bias = None
         if bias is not None and any(self.lora[n].bias is not None for n in names):
@@ -345,27 +344,19 @@ class LoraLayer(WrappedLayer):
         names, row_scales = self._merged["names"], self._merged["row_scales"]
         W = self.base_weight()
         work = torch.promote_types(W.dtype, torch.float32)
-        total, added = self.merged_terms(names, row_scales, W.to(work))
-        self.write_base_weight_((W.to(work) - added) / total)
+        updates = self.merge_updates(names, row_scales, work)
+        self.write_base_weight_(fn.unmerged_weight(W.to(work), updates))
         if self._merged["bias"] is not None:
             self.base.bias.data.copy_(self._merged["bias"])
         self._merged = None
 
-    def merged_terms(self, names, row_scales, W32) -> tuple[torch.Tensor, torch.Tensor]:
-        """(Π as a column, Σ cᵢ·Δᵢ) for the merge formula above."""
-        shape = (-1,) + (1,) * (W32.dim() - 1)
-        total = torch.ones(W32.shape[0], dtype=W32.dtype, device=W32.device)
-        added = torch.zeros_like(W32)
+    def merge_updates(self, names, row_scales, dtype) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+        """(s·B·A as a weight, DoRA's row scale or None) per adapter, for fn.merged_weight."""
+        updates = []
         for n in names:
             A, B = self.lora[n].factors()
-            delta = self.delta_weight(A.to(W32.dtype), B.to(W32.dtype), self.lora[n].scale)
-            c = row_scales.get(n)
-            if c is None:
-                added += delta
-            else:
-                added += c.reshape(shape) * delta
-                total += c - 1
-        return total.reshape(shape), added
+            updates.append((self.delta_weight(A.to(dtype), B.to(dtype), self.lora[n].scale), row_scales.get(n)))
+        return updates
 
     def delta_weight(self, A: torch.Tensor, B: torch.Tensor, scale: float) -> torch.Tensor:
         return fn.lora_delta_weight(A, B, scale)
