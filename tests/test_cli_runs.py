@@ -363,6 +363,8 @@ def test_an_unknown_method_lists_the_accepted_ones(workspace, capsys):
                 f"output={root / 'runs' / 'y'}"]) == 2
     err = capsys.readouterr().err
     assert "did you mean dora" in err and "rslora" in err and "qlora" in err, err
+    from feathertune.registry import METHODS
+    assert all(name in err for name in METHODS), err  # every registered method is offered
 
 
 # --- 8. adapters that PEFT loads offline as written ---------------------------------------------------
