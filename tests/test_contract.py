@@ -349,3 +349,18 @@ def test_two_adapters_on_the_head_add_at_the_model_output():
     expected = (outs["a"] - base_out) + (outs["b"] - base_out)
     assert max_diff(outs["ab"] - base_out, expected) <= 1e-5
     assert max_diff(outs["ab"], base_out) > 1e-3
+
+
+@MATRIX
+def test_inspect_prints_method_mergeable_and_the_trainable_count(method, kind, tmp_path):
+    """`feathertune inspect` on a saved adapter names the method, whether it merges, and exactly
+    the parameters that trained (what ft.trainable_parameters counts)."""
+    from feathertune.inspect import describe
+
+    model = ft.attach(fresh_base(kind), config(method, kind))
+    trainable, _ = ft.trainable_parameters(model)
+    shown = describe(ft.save_adapter(model, tmp_path / "adapter"))
+    spec = REGISTRY[METHODS[method][0](kind)[0]]
+    assert f"method:      {spec.name} ({spec.peft_type})" in shown, shown
+    assert ("; mergeable" if spec.mergeable else "not mergeable") in shown, shown
+    assert f"trainable:   {trainable:,} parameters" in shown, shown

@@ -165,7 +165,7 @@ def test_cli_inspect_merge_and_generate(workspace, capsys, tmp_path):
     capsys.readouterr()
     assert cli(["inspect", str(out)]) == 0
     shown = capsys.readouterr().out
-    assert "LORA" in shown and "parameters:" in shown and "MiB" in shown and "bleu=" in shown
+    assert "lora (LORA); mergeable" in shown and "trainable:" in shown and "MiB" in shown and "bleu=" in shown
     merged = tmp_path / "merged"
     assert cli(["merge", "--adapter", str(out), "--out", str(merged)]) == 0
     from transformers import AutoModelForCausalLM
