@@ -138,3 +138,20 @@ def common_header(model: nn.Module, peft_type: str, saved: list[str]) -> dict[st
     """The keys every adapter_config.json starts with."""
     return {"peft_type": peft_type, "task_type": peft_task_type(model, saved),
             "base_model_name_or_path": base_model_name(model), "revision": None, "inference_mode": True}
+
+
+def resolved_targets(model: nn.Module, adapted: list[str], saved: list[str]) -> list[str]:
+    """The shortest target list that PEFT's matching rule maps to exactly `adapted` on this model.
+
+    Leaf names ("q_proj") when they pick out exactly these modules, else the full names.
+    """
+    leaves = sorted({m.rsplit(".", 1)[-1] for m in adapted})
+    names = [n for n, _ in model.named_modules() if n and not _wrapped_part(n, adapted + saved)]
+    if {n for n in names if name_matches(n, leaves) and not name_matches(n, saved)} == set(adapted):
+        return leaves
+    return list(adapted)
+
+
+def _wrapped_part(name: str, wrappers: list[str]) -> bool:
+    """True for the modules inside a wrapper (e.g. 'q_proj.base'), which PEFT never sees."""
+    return any(name.startswith(w + ".") for w in wrappers)

@@ -129,3 +129,53 @@ def unmerged_weight(merged: torch.Tensor, updates: list[tuple[torch.Tensor, torc
             offset += ratio.reshape(shape) * delta
             slope += ratio.reshape(-1) - 1
     return (merged - offset) / slope.reshape(shape)
+
+
+# --- (IA)³ (Liu et al. 2022): learned vectors that rescale activations -------------------------
+
+
+def ia3_combined(vectors: list[torch.Tensor]) -> torch.Tensor:
+    """The one vector that several (IA)³ vectors on the same activation amount to: their product.
+
+    Stored as (out, 1) or (1, in) (PEFT's layout); returned flat. -> (d,)
+    """
+    out = vectors[0].flatten()
+    for vector in vectors[1:]:
+        out = out * vector.flatten()
+    return out
+
+
+def ia3_scale(h: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """l ⊙ h over the last (feature) dimension, in h's dtype. h (..., d); l (d,) or (B, 1, …, 1, d)."""
+    return (h * scale).to(h.dtype)
+
+
+def ia3_merged_weight(W: torch.Tensor, scale_in: torch.Tensor | None,
+                      scale_out: torch.Tensor | None) -> torch.Tensor:
+    """diag(l_out)·W·diag(l_in): the weight of l_out ⊙ (W·(l_in ⊙ x)). W (out, in), l flat."""
+    if scale_out is not None:
+        W = W * scale_out[:, None]
+    if scale_in is not None:
+        W = W * scale_in[None, :]
+    return W
+
+
+def ia3_merged_bias(b: torch.Tensor, scale_out: torch.Tensor | None) -> torch.Tensor:
+    """l_out ⊙ b: output scaling rescales the bias too (the input scaling never reaches it)."""
+    return b if scale_out is None else b * scale_out
+
+
+# --- Bottleneck adapters (Houlsby et al. 2019; Pfeiffer et al. 2020) --------------------------
+
+BOTTLENECK_ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "tanh": torch.tanh, "silu": F.silu}
+
+
+def bottleneck_update(h: torch.Tensor, down_weight: torch.Tensor, down_bias: torch.Tensor,
+                      up_weight: torch.Tensor, up_bias: torch.Tensor, non_linearity: str) -> torch.Tensor:
+    """W_up·f(W_down·h + b_down) + b_up: what a bottleneck adapter adds to its sublayer's output h.
+
+    h (..., d) -> (..., m) -> (..., d), with W_down (m, d) and W_up (d, m); 2·d·m multiply-adds a
+    token. The caller adds it to h (the adapter's own skip connection, Houlsby et al. fig. 2).
+    """
+    hidden = BOTTLENECK_ACTIVATIONS[non_linearity](F.linear(h, down_weight, down_bias))  # (..., m)
+    return F.linear(hidden, up_weight, up_bias)  # (..., d)

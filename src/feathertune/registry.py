@@ -17,7 +17,7 @@ from torch import nn
 from feathertune.config import MethodConfig
 from feathertune.errors import ConfigError
 from feathertune.file_layout import FilePlan
-from feathertune.methods import lora_peft
+from feathertune.methods import bottleneck, ia3, lora_peft
 from feathertune.methods.lora import LoraConfig, attach_lora
 
 
@@ -42,6 +42,14 @@ METHODS: dict[str, MethodSpec] = {
     "lora": MethodSpec("lora", LoraConfig, attach_lora, peft_type=lora_peft.PEFT_TYPE, mergeable=True,
                        config_to_file=lora_peft.config_to_file, config_from_file=lora_peft.config_from_file,
                        plan_from_file=lora_peft.plan_from_file),
+    "ia3": MethodSpec("ia3", ia3.IA3Config, ia3.attach_ia3, peft_type=ia3.PEFT_TYPE, mergeable=True,
+                      config_to_file=ia3.config_to_file, config_from_file=ia3.config_from_file,
+                      plan_from_file=ia3.plan_from_file),
+    "bottleneck": MethodSpec("bottleneck", bottleneck.BottleneckConfig, bottleneck.attach_bottleneck,
+                             peft_type=bottleneck.PEFT_TYPE, mergeable=False,
+                             config_to_file=bottleneck.config_to_file,
+                             config_from_file=bottleneck.config_from_file,
+                             plan_from_file=bottleneck.plan_from_file),
 }
 
 

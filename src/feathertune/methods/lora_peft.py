@@ -17,7 +17,6 @@ from torch import nn
 from feathertune import file_layout
 from feathertune.file_layout import PREFIX, FilePlan
 from feathertune.methods.lora import EMBEDDING_SUFFIXES, TENSOR_SUFFIXES, LoraConfig, LoraLayer
-from feathertune.targeting import name_matches
 
 PEFT_TYPE = "LORA"
 
@@ -108,7 +107,7 @@ def config_to_file(model: nn.Module, config: LoraConfig, name: str, adapted: lis
         "r": r,
         "lora_alpha": alpha,
         "lora_dropout": config.dropout,
-        "target_modules": resolved_targets(model, list(layers), saved),
+        "target_modules": file_layout.resolved_targets(model, list(layers), saved),
         "layers_to_transform": None,
         "layers_pattern": None,
         "rank_pattern": rank_pattern,
@@ -125,23 +124,6 @@ def config_to_file(model: nn.Module, config: LoraConfig, name: str, adapted: lis
         "megatron_core": "megatron.core",
         "loftq_config": {},
     }
-
-
-def resolved_targets(model: nn.Module, adapted: list[str], saved: list[str]) -> list[str]:
-    """The shortest target list that PEFT's matching rule maps to exactly `adapted` on this model.
-
-    Leaf names ("q_proj") when they pick out exactly these modules, else the full names.
-    """
-    leaves = sorted({m.rsplit(".", 1)[-1] for m in adapted})
-    names = [n for n, _ in model.named_modules() if n and not _wrapped_part(n, adapted + saved)]
-    if {n for n in names if name_matches(n, leaves) and not name_matches(n, saved)} == set(adapted):
-        return leaves
-    return list(adapted)
-
-
-def _wrapped_part(name: str, wrappers: list[str]) -> bool:
-    """True for the modules inside a wrapper (e.g. 'q_proj.base'), which PEFT never sees."""
-    return any(name.startswith(w + ".") for w in wrappers)
 
 
 def _exact(module_name: str) -> str:
