@@ -179,3 +179,46 @@ def bottleneck_update(h: torch.Tensor, down_weight: torch.Tensor, down_bias: tor
     """
     hidden = BOTTLENECK_ACTIVATIONS[non_linearity](F.linear(h, down_weight, down_bias))  # (..., m)
     return F.linear(hidden, up_weight, up_bias)  # (..., d)
+
+
+# --- LLaMA-Adapter (Zhang et al. 2023): the gated attention to the adaption prompts --------------
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    """(x₁, x₂) -> (−x₂, x₁) over the two halves of the last dimension, as Llama's rotary does."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def rotary_query(q: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """RoPE on the query: q·cos + rotate_half(q)·sin. q (B, H, T, d), cos and sin (B, T, d)."""
+    return q * cos.unsqueeze(1) + rotate_half(q) * sin.unsqueeze(1)
+
+
+def adaption_prompt_attention(q: torch.Tensor, k_prompt: torch.Tensor, v_prompt: torch.Tensor,
+                              gate: torch.Tensor) -> torch.Tensor:
+    """g · softmax(q·k_Pᵀ/√d_h) · v_P, the adaption prompts' share of one attention layer (eq. 8).
+
+    The prompt keys carry no rotary (the prompts have no position) and there is no mask: every
+    query sees all L prompts. The softmax runs over the prompts alone, in float32 at least as PEFT
+    does, and the zero-initialised gate g scales it, so the layer starts exactly at the base.
+    Grouped-query attention: query head h reads key/value head h // (H / H_kv). The caller applies
+    the layer's o_proj. Cost: 2·B·H·T·L·d, small next to the T² of the layer's own attention.
+
+    Args:
+        q: the layer's rotary query (B, H, T, d).
+        k_prompt, v_prompt: k_proj(P) and v_proj(P), (L, H_kv·d) or (1, L, H_kv·d).
+        gate: (1,), one scalar per layer.
+
+    Returns:
+        (B, T, H·d), in q's dtype.
+    """
+    B, H, T, d = q.shape
+    k = k_prompt.reshape(-1, k_prompt.shape[-1] // d, d).transpose(0, 1).to(q.dtype)  # (H_kv, L, d)
+    v = v_prompt.reshape(-1, v_prompt.shape[-1] // d, d).transpose(0, 1).to(q.dtype)  # (H_kv, L, d)
+    groups = H // k.shape[0]
+    k, v = k.repeat_interleave(groups, dim=0), v.repeat_interleave(groups, dim=0)  # (H, L, d)
+    scores = q @ k.transpose(-1, -2) / math.sqrt(d)  # (B, H, T, L)
+    weights = F.softmax(scores, dim=-1, dtype=torch.promote_types(q.dtype, torch.float32)).to(q.dtype)
+    out = (gate.to(q.dtype) * weights) @ v  # (B, H, T, d)
+    return out.transpose(1, 2).reshape(B, T, H * d)

@@ -17,7 +17,7 @@ from torch import nn
 from feathertune.config import MethodConfig
 from feathertune.errors import ConfigError
 from feathertune.file_layout import FilePlan
-from feathertune.methods import bottleneck, ia3, lora_peft
+from feathertune.methods import bottleneck, ia3, llama_adapter, lora_peft
 from feathertune.methods.lora import LoraConfig, attach_lora
 
 
@@ -50,6 +50,11 @@ METHODS: dict[str, MethodSpec] = {
                              config_to_file=bottleneck.config_to_file,
                              config_from_file=bottleneck.config_from_file,
                              plan_from_file=bottleneck.plan_from_file),
+    "llama_adapter": MethodSpec("llama_adapter", llama_adapter.LlamaAdapterConfig,
+                                llama_adapter.attach_llama_adapter, peft_type=llama_adapter.PEFT_TYPE,
+                                mergeable=False, config_to_file=llama_adapter.config_to_file,
+                                config_from_file=llama_adapter.config_from_file,
+                                plan_from_file=llama_adapter.plan_from_file, mixed_batch=True),
 }
 
 
