@@ -3,6 +3,9 @@
     import feathertune as ft
     model = ft.attach(model, ft.LoraConfig(r=16, alpha=32, target_modules="all-linear"))
     ft.save_adapter(model, "out/adapter")   # PEFT's file format
+
+One config class per method (LoraConfig, IA3Config, BottleneckConfig, PromptTuningConfig,
+PrefixTuningConfig, LlamaAdapterConfig); `attach`, `save_adapter` and the rest take any of them.
 """
 
 from feathertune.adapters import (
@@ -23,6 +26,9 @@ from feathertune.errors import (
     TargetError,
     UnsupportedAdapterError,
 )
+from feathertune.methods.bottleneck import BottleneckConfig
+from feathertune.methods.ia3 import IA3Config
+from feathertune.methods.llama_adapter import LlamaAdapterConfig
 from feathertune.methods.lora import LoraConfig
 from feathertune.models import load_model
 from feathertune.quant import quantize
@@ -33,9 +39,12 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AdapterMismatchError",
+    "BottleneckConfig",
     "ConfigError",
     "DataError",
     "FeathertuneError",
+    "IA3Config",
+    "LlamaAdapterConfig",
     "LoraConfig",
     "TrainConfig",
     "TargetError",
