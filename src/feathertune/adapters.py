@@ -28,6 +28,7 @@ from feathertune.wrapping import (
     ForwardContext,
     WrappedLayer,
     adapter_sites,
+    cache_argument,
     model_sites,
     replace_module,
     wrapped_layers,
@@ -298,19 +299,18 @@ def _before_forward(model: nn.Module, args: tuple, kwargs: dict):
     context = state.context
     if names is not None:
         _check_batch_names(model, names, args, kwargs)
+    sites = list(model_sites(model))
+    if sites and args:  # the sites rewrite inputs by name: name the positional ones
+        bound = inspect.signature(model.forward).bind_partial(*args, **kwargs)
+        args, kwargs = (), dict(bound.arguments)
+        kwargs.update(kwargs.pop("kwargs", {}))
     context.adapter_names = None if names is None else list(names)  # reset after a mixed batch too
     context.attention_mask = kwargs.get("attention_mask")
-    cache = kwargs.get("past_key_values")
+    cache = cache_argument(kwargs)
     context.past_length = int(cache.get_seq_length()) if hasattr(cache, "get_seq_length") else 0
     context.decoding = context.past_length > 0
-    sites = list(model_sites(model))
-    if sites:
-        if args:  # the sites rewrite inputs by name: name the positional ones
-            bound = inspect.signature(model.forward).bind_partial(*args, **kwargs)
-            args, kwargs = (), dict(bound.arguments)
-            kwargs.update(kwargs.pop("kwargs", {}))
-        for site in sites:
-            kwargs = site.prepare_inputs(model, kwargs)
+    for site in sites:
+        kwargs = site.prepare_inputs(model, kwargs)
     return args, kwargs
 
 

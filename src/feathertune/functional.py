@@ -222,3 +222,58 @@ def adaption_prompt_attention(q: torch.Tensor, k_prompt: torch.Tensor, v_prompt:
     weights = F.softmax(scores, dim=-1, dtype=torch.promote_types(q.dtype, torch.float32)).to(q.dtype)
     out = (gate.to(q.dtype) * weights) @ v  # (B, H, T, d)
     return out.transpose(1, 2).reshape(B, T, H * d)
+
+
+# --- Prompt tuning (Lester et al. 2021) and prefix tuning (Li & Liang 2021): virtual tokens -------
+
+
+def prepend_prompt(prompt: torch.Tensor, embeds: torch.Tensor) -> torch.Tensor:
+    """[P; E[x]]: the n learned prompt vectors in front of every sequence's token embeddings.
+
+    prompt (n, d), embeds (B, T, d) -> (B, n+T, d), in the embeddings' dtype.
+    """
+    P = prompt.to(embeds.dtype).unsqueeze(0).expand(embeds.shape[0], -1, -1)  # (B, n, d), no copy
+    return torch.cat([P, embeds], dim=1)
+
+
+def prepend_constant(x: torch.Tensor, n: int, value) -> torch.Tensor:
+    """n entries `value` in front of x's last dimension: (..., T) -> (..., n+T), in x's dtype.
+
+    What the virtual tokens get in the attention mask (1: attended), the labels (-100: no loss) and
+    the token types (0: the first segment).
+    """
+    pad = torch.full((*x.shape[:-1], n), value, dtype=x.dtype, device=x.device)
+    return torch.cat([pad, x], dim=-1)
+
+
+def prompt_position_ids(position_ids: torch.Tensor, n: int) -> torch.Tensor:
+    """Positions of [P; E[x]]: 0…n-1 for the prompt, the caller's own shifted by n. (..., T) -> (..., n+T)
+
+    Shifting (instead of dropping the caller's positions, as PEFT does) keeps a left-padded row's
+    tokens at the positions its mask gives them, so batched generation matches one-by-one.
+    """
+    virtual = torch.arange(n, dtype=position_ids.dtype, device=position_ids.device)
+    return torch.cat([virtual.expand(*position_ids.shape[:-1], n), position_ids + n], dim=-1)
+
+
+def prefix_mlp(embedding: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor,
+               b2: torch.Tensor) -> torch.Tensor:
+    """Li & Liang's reparameterisation P = MLP(P') = tanh(P'·W₁ᵀ + b₁)·W₂ᵀ + b₂ (§4.3, PEFT's PrefixEncoder).
+
+    P' (n, k) -> (n, h) -> P (n, L·2·d_kv). Training through it is more stable than training P
+    directly; once trained, only P is kept (the MLP is folded away).
+    """
+    return F.linear(torch.tanh(F.linear(embedding, w1, b1)), w2, b2)
+
+
+def prefix_key_values(prefix: torch.Tensor, num_layers: int, num_heads: int,
+                      head_dim: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Each layer's key and value prefix from the flat (n, L·2·H·d_h) prefix, in PEFT's file layout.
+
+    The row of virtual token i reads as (2L, H, d_h): index 2l is layer l's key, 2l+1 its value.
+    H is the number of key/value heads (H_kv < H_q under grouped-query attention).
+    -> L pairs (K_l, V_l), each (H, n, d_h): the cache layout without the batch dimension.
+    """
+    n = prefix.shape[0]
+    kv = prefix.reshape(n, 2 * num_layers, num_heads, head_dim).permute(1, 2, 0, 3)  # (2L, H, n, d_h)
+    return [(kv[2 * layer], kv[2 * layer + 1]) for layer in range(num_layers)]

@@ -17,7 +17,7 @@ from torch import nn
 from feathertune.config import MethodConfig
 from feathertune.errors import ConfigError
 from feathertune.file_layout import FilePlan
-from feathertune.methods import bottleneck, ia3, llama_adapter, lora_peft
+from feathertune.methods import bottleneck, ia3, llama_adapter, lora_peft, prefix_tuning, prompt_tuning
 from feathertune.methods.lora import LoraConfig, attach_lora
 
 
@@ -55,6 +55,16 @@ METHODS: dict[str, MethodSpec] = {
                                 mergeable=False, config_to_file=llama_adapter.config_to_file,
                                 config_from_file=llama_adapter.config_from_file,
                                 plan_from_file=llama_adapter.plan_from_file, mixed_batch=True),
+    "prompt_tuning": MethodSpec("prompt_tuning", prompt_tuning.PromptTuningConfig, prompt_tuning.attach_prompt_tuning,
+                                peft_type=prompt_tuning.PEFT_TYPE, mergeable=False,
+                                config_to_file=prompt_tuning.config_to_file,
+                                config_from_file=prompt_tuning.config_from_file,
+                                plan_from_file=prompt_tuning.plan_from_file, mixed_batch=False),
+    "prefix_tuning": MethodSpec("prefix_tuning", prefix_tuning.PrefixTuningConfig, prefix_tuning.attach_prefix_tuning,
+                                peft_type=prefix_tuning.PEFT_TYPE, mergeable=False,
+                                config_to_file=prefix_tuning.config_to_file,
+                                config_from_file=prefix_tuning.config_from_file,
+                                plan_from_file=prefix_tuning.plan_from_file, mixed_batch=False),
 }
 
 

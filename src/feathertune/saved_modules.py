@@ -25,6 +25,9 @@ class ModulesToSave(WrappedLayer):
         super().__init__(base)
         self.copies = nn.ModuleDict()
         self._merged_into_base = False
+        # Per adapter, where its keys start in files. PEFT's prompt-learning models hold the user's model
+        # directly (no tuner in between), so their files say base_model.<path>, not PREFIX<path>.
+        self.key_prefixes: dict[str, str] = {}
 
     def adapter_names(self) -> list[str]:
         return list(self.copies.keys())
@@ -37,15 +40,18 @@ class ModulesToSave(WrappedLayer):
 
     def delete_adapter(self, name: str) -> None:
         del self.copies[name]
+        self.key_prefixes.pop(name, None)
         self.active = [n for n in self.active if n != name]
 
     def file_tensors(self, name: str, path: str) -> dict[str, torch.Tensor]:
-        return {f"{PREFIX}{path}.{key}": tensor for key, tensor in self.copies[name].state_dict().items()}
+        prefix = self.key_prefixes.get(name, PREFIX)
+        return {f"{prefix}{path}.{key}": tensor for key, tensor in self.copies[name].state_dict().items()}
 
     @torch.no_grad()
     def load_file_tensors(self, name: str, path: str, tensors: dict[str, torch.Tensor]) -> None:
+        prefix = self.key_prefixes.get(name, PREFIX)
         for key, target in self.copies[name].state_dict().items():
-            target.copy_(tensors[f"{PREFIX}{path}.{key}"])
+            target.copy_(tensors[f"{prefix}{path}.{key}"])
 
     def chosen(self) -> nn.Module:
         """The module the forward uses: the first active adapter's copy, else the original."""

@@ -22,6 +22,8 @@ import torch
 from torch import nn
 
 BASE = "__base__"  # in a mixed batch: this row uses no adapter
+# The forward's KV-cache argument: transformers 5 calls it `cache`, 4.x (and 5's deprecated alias) `past_key_values`.
+CACHE_ARGUMENTS = ("cache", "past_key_values")
 
 
 @dataclasses.dataclass
@@ -111,6 +113,11 @@ class ModelSite(AdapterSite):
 
     def finish_outputs(self, output: Any) -> Any:
         return output
+
+
+def cache_argument(kwargs: dict[str, Any]) -> Any:
+    """The KV cache a forward was given, under either of its names; None if none."""
+    return next((kwargs[k] for k in CACHE_ARGUMENTS if kwargs.get(k) is not None), None)
 
 
 def adapter_sites(model: nn.Module) -> Iterator[tuple[str, AdapterSite]]:
