@@ -43,9 +43,26 @@ METHODS = {
     "lora": (lora(), True, KINDS),
     "rslora": (lora(use_rslora=True), True, KINDS),
     "dora": (lora(use_dora=True), True, KINDS),
+    # The tiny BERT classifier's logits are ~0.02: scaling the encoder barely moves them, so the
+    # matrix also saves (and perturbs) its head, as any classification fine-tune does.
+    "ia3": (lambda kind: ("ia3", {"modules_to_save": ["classifier"]} if kind == "bert" else {}), True,
+            ("llama", "gpt2", "bert")),
+    "houlsby": (lambda kind: ("bottleneck", {"style": "houlsby"}), True, ("llama", "gpt2", "bert")),
+    "pfeiffer": (lambda kind: ("bottleneck", {"style": "pfeiffer"}), True, ("llama", "gpt2", "bert")),
+    # Not zero-initialised: the learned prompt changes the output from step 0.
+    "prompt_tuning": (lambda kind: ("prompt_tuning", {"num_virtual_tokens": 4, **(
+        {"modules_to_save": ["classifier"]} if kind == "bert" else {})}), False, ("llama", "gpt2", "bert")),
+    "prefix_tuning": (lambda kind: ("prefix_tuning", {"num_virtual_tokens": 4}), False, ("llama", "gpt2")),
+    "llama_adapter": (lambda kind: ("llama_adapter", {"adapter_len": 4, "adapter_layers": 2}), True, ("llama",)),
 }
+NOT_LLAMA = ("LLaMA-Adapter needs Llama-style attention (rotary q/k/v/o); other architectures are refused "
+             "by name (tests/test_llama_adapter.py)")
 # (method, kind) -> why the cell cannot apply; every other cell in METHODS × KINDS runs.
-SKIPS: dict[tuple[str, str], str] = {}
+SKIPS: dict[tuple[str, str], str] = {
+    ("llama_adapter", "gpt2"): NOT_LLAMA, ("llama_adapter", "bert"): NOT_LLAMA,
+    ("prefix_tuning", "bert"): "prefix tuning needs a forward that takes a KV cache; BERT's encoder has none and is "
+                               "refused by name (tests/test_prefix_tuning.py)",
+}
 
 
 def cells():

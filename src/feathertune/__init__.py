@@ -30,6 +30,8 @@ from feathertune.methods.bottleneck import BottleneckConfig
 from feathertune.methods.ia3 import IA3Config
 from feathertune.methods.llama_adapter import LlamaAdapterConfig
 from feathertune.methods.lora import LoraConfig
+from feathertune.methods.prefix_tuning import PrefixTuningConfig
+from feathertune.methods.prompt_tuning import PromptTuningConfig
 from feathertune.models import load_model
 from feathertune.quant import quantize
 from feathertune.train.config import TrainConfig, load_config
@@ -46,6 +48,8 @@ __all__ = [
     "IA3Config",
     "LlamaAdapterConfig",
     "LoraConfig",
+    "PrefixTuningConfig",
+    "PromptTuningConfig",
     "TrainConfig",
     "TargetError",
     "UnsupportedAdapterError",
