@@ -2,7 +2,7 @@
 
     checkpoints/step-000050/
         adapter/                 the adapter in PEFT format (loadable on its own)
-        trainer.safetensors      optimizer tensors and RNG states
+        trainer.safetensors      optimizer tensors, RNG states, the adapter's parameters as they train
         trainer.json             step, optimizer hyper-parameters, scheduler, Python RNG
 
 A checkpoint is written into a hidden temporary directory and renamed into place, so a directory
@@ -23,10 +23,13 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from feathertune.adapters import adapter_parameters
 from feathertune.checkpoint import restore_tensors, save_adapter
+from feathertune.errors import AdapterMismatchError
 from feathertune.file_layout import WEIGHTS_FILE
 
 _STEP_DIR = re.compile(r"^step-(\d+)$")
+ADAPTER_KEY = "adapter/"  # trainer.safetensors: the adapter's parameters, in the sites' order
 
 
 def save_checkpoint(run_dir: Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
@@ -40,6 +43,10 @@ def save_checkpoint(run_dir: Path, step: int, model: nn.Module, optimizer: torch
     tmp.mkdir()
     save_adapter(model, tmp / "adapter")
     tensors, meta = _optimizer_to_flat(optimizer.state_dict())
+    # The adapter's parameters as they train, beside the file that holds them as they deploy: the two
+    # differ where a method folds its training form away on saving (prefix tuning's MLP).
+    for index, param in enumerate(adapter_parameters(model, "default")):
+        tensors[f"{ADAPTER_KEY}{index:05d}"] = param.detach().cpu().contiguous()
     tensors["rng/torch"] = torch.get_rng_state()
     if torch.cuda.is_available():
         for i, state in enumerate(torch.cuda.get_rng_state_all()):
@@ -82,7 +89,7 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
     """Restore adapter weights, optimizer, scheduler and RNGs from `path`; returns trainer.json."""
     record = read_record(path)
     tensors = load_file(str(path / "trainer.safetensors"))
-    _copy_adapter_weights(model, path / "adapter")
+    _copy_adapter_weights(model, path, tensors)
     optimizer.load_state_dict(_optimizer_from_flat(tensors, record["optimizer"]))
     scheduler.load_state_dict(record["scheduler"])
     torch.set_rng_state(tensors["rng/torch"])
@@ -93,9 +100,21 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
     return record
 
 
-def _copy_adapter_weights(model: nn.Module, adapter_dir: Path) -> None:
-    """Load the checkpoint's adapter tensors into the model's (already attached, trainable) adapter."""
-    restore_tensors(model, "default", load_file(str(adapter_dir / WEIGHTS_FILE)), str(adapter_dir))
+def _copy_adapter_weights(model: nn.Module, path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    """Put the checkpoint's adapter back into the model's (already attached, trainable) adapter:
+    its parameters exactly as they trained, or (checkpoints from before they were kept) its file."""
+    saved = [tensors[k] for k in sorted(tensors) if k.startswith(ADAPTER_KEY)]
+    if not saved:
+        adapter_dir = path / "adapter"
+        restore_tensors(model, "default", load_file(str(adapter_dir / WEIGHTS_FILE)), str(adapter_dir))
+        return
+    params = adapter_parameters(model, "default")
+    if [tuple(t.shape) for t in saved] != [tuple(p.shape) for p in params]:
+        raise AdapterMismatchError(f"{path}: holds {len(saved)} adapter tensors that do not fit this run's "
+                                   f"{len(params)} adapter parameters; was the config changed since the checkpoint?")
+    with torch.no_grad():
+        for param, value in zip(params, saved):
+            param.copy_(value)
 
 
 def _optimizer_to_flat(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
