@@ -64,6 +64,27 @@ def test_resume_after_sigkill_ends_with_the_same_adapter(workspace):
     assert metric_steps(out) == [1, 2, 3, 4, 5, 6]  # nothing duplicated or lost around the kill
 
 
+@pytest.mark.parametrize("method, adapter", [
+    ("prefix_tuning", {"num_virtual_tokens": 4, "prefix_projection": True}),  # its file folds the MLP away
+    ("ia3", {}),
+], ids=["prefix_tuning-mlp", "ia3"])
+def test_every_method_resumes_after_sigkill_exactly(workspace, method, adapter):
+    """The checkpoint holds the adapter as it trains, so a method whose file holds it only as it
+    deploys (prefix tuning folds its MLP into plain prefixes) resumes exactly too."""
+    root, config = workspace
+    config = {**{k: v for k, v in config.items() if k != "lora"}, "method": method, "adapter": adapter}
+    reference = root / "runs" / f"unbroken-{method}"
+    ft.run(ft.TrainConfig.from_dict({**config, "output": str(reference)}), log=lambda *_: None)
+    out = root / "runs" / f"killed-{method}"
+    cfg = write_config(root, config, f"killed-{method}", output=str(out))
+    killed = train_until_killed([str(cfg)])
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    assert cli(["train", str(cfg), "--resume"]) == 0
+    ours, theirs = adapter_tensors(out), adapter_tensors(reference)
+    assert ours.keys() == theirs.keys()
+    assert max((ours[k] - theirs[k]).abs().max().item() for k in ours) <= 1e-6
+
+
 def test_an_existing_run_is_not_overwritten_and_resume_needs_a_checkpoint(workspace, capsys):
     root, config = workspace
     out = root / "runs" / "once"
