@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 from typing import Any, ClassVar
 
 from feathertune.errors import ConfigError
@@ -72,3 +73,28 @@ def type_problem(name: str, value: Any, kinds: tuple[type, ...], wanted: str) ->
     if not isinstance(value, kinds):
         return [f"{name}={value!r} must be {wanted}"]
     return []
+
+
+def modules_problem(field: str, value: Any, *, none_means: str | None = None, allow_empty: bool = False) -> list[str]:
+    """A one-item list unless `value` selects modules: a valid regex, a list of names, or (when
+    `none_means` says what None stands for) None."""
+    if value is None and none_means is not None:
+        return []
+    if isinstance(value, str):
+        try:
+            re.compile(value)
+        except re.error as exc:
+            return [f"{field}={value!r} is not a valid regular expression ({exc}); give a list of names"]
+        return []
+    if isinstance(value, (list, tuple)) and (value or allow_empty) and all(isinstance(t, str) and t for t in value):
+        return []
+    empty = "" if allow_empty else "non-empty "
+    also = f", or None ({none_means})" if none_means is not None else ""
+    return [f"{field}={value!r} must be a {empty}list of module names or a regular expression{also}"]
+
+
+def positive_int(name: str, value: Any, typical: str = "") -> list[str]:
+    """A one-item list unless `value` is an integer ≥ 1 (bools are not integers here)."""
+    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+        return []
+    return [f"{name}={value!r} must be a positive integer" + (f" (typical: {typical})" if typical else "")]

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import re
 from typing import Any, ClassVar
 
 import torch
@@ -29,7 +28,7 @@ from torch import nn
 
 from feathertune import file_layout
 from feathertune import functional as fn
-from feathertune.config import MethodConfig, type_problem
+from feathertune.config import MethodConfig, modules_problem, positive_int
 from feathertune.errors import ConfigError, TargetError
 from feathertune.file_layout import PREFIX, FilePlan
 from feathertune.saved_modules import ModulesToSave
@@ -71,13 +70,14 @@ class BottleneckConfig(MethodConfig):
         found = []
         if self.style not in STYLES:
             found.append(f"style={self.style!r} is not one of {', '.join(STYLES)}")
-        found += _positive("reduction_factor", self.reduction_factor, "typical: 16, 32")
+        found += positive_int("reduction_factor", self.reduction_factor, "16, 32")
         if self.bottleneck_size is not None:
-            found += _positive("bottleneck_size", self.bottleneck_size, "typical: 16 to 256, or None")
+            found += positive_int("bottleneck_size", self.bottleneck_size, "16 to 256, or None")
         if self.non_linearity not in fn.BOTTLENECK_ACTIVATIONS:
             found.append(f"non_linearity={self.non_linearity!r} is not one of "
                          f"{', '.join(fn.BOTTLENECK_ACTIVATIONS)}")
-        found += _targets_problem(self.target_modules)
+        found += modules_problem("target_modules", self.target_modules,
+                                 none_means="the style's sublayer outputs for this architecture")
         if not isinstance(self.modules_to_save, (list, tuple)) or not all(
                 isinstance(m, str) and m for m in self.modules_to_save):
             found.append(f"modules_to_save={self.modules_to_save!r} must be a list of module names")
@@ -86,28 +86,6 @@ class BottleneckConfig(MethodConfig):
     def width(self, d: int) -> int:
         """The bottleneck m for a layer of width d."""
         return self.bottleneck_size if self.bottleneck_size is not None else max(1, d // self.reduction_factor)
-
-
-def _positive(name: str, value: Any, typical: str) -> list[str]:
-    found = type_problem(name, value, (int,), f"a positive integer ({typical})")
-    if not found and value <= 0:
-        found.append(f"{name}={value} must be a positive integer ({typical})")
-    return found
-
-
-def _targets_problem(value: Any) -> list[str]:
-    if value is None:
-        return []
-    if isinstance(value, str):
-        try:
-            re.compile(value)
-        except re.error as exc:
-            return [f"target_modules={value!r} is not a valid regular expression ({exc}); give a list of names"]
-        return []
-    if isinstance(value, (list, tuple)) and value and all(isinstance(t, str) and t for t in value):
-        return []
-    return [f"target_modules={value!r} must be a non-empty list of module names, a regular expression, "
-            f"or None (the style's sublayer outputs for this architecture)"]
 
 
 class BottleneckAdapter(nn.Module):

@@ -26,7 +26,7 @@ from torch import nn
 from feathertune import file_layout
 from feathertune import functional as fn
 from feathertune import quant
-from feathertune.config import MethodConfig, type_problem
+from feathertune.config import MethodConfig, modules_problem, type_problem
 from feathertune.errors import ConfigError, TargetError
 from feathertune.file_layout import PREFIX, FilePlan
 from feathertune.saved_modules import ModulesToSave
@@ -73,8 +73,9 @@ class IA3Config(MethodConfig):
     init_ia3_weights: bool = True  # ones, so the model starts at the base; False: N(0, 1) as PEFT
 
     def problems(self) -> list[str]:
-        found = _modules_problem("target_modules", self.target_modules, allow_empty=False)
-        found += _modules_problem("feedforward_modules", self.feedforward_modules, allow_empty=True)
+        found = modules_problem("target_modules", self.target_modules, none_means="the architecture's defaults")
+        found += modules_problem("feedforward_modules", self.feedforward_modules,
+                                 none_means="the architecture's defaults", allow_empty=True)
         if isinstance(self.target_modules, list) and isinstance(self.feedforward_modules, list):
             extra = [m for m in self.feedforward_modules if m not in self.target_modules]
             if extra:
@@ -85,23 +86,6 @@ class IA3Config(MethodConfig):
             found.append(f"modules_to_save={self.modules_to_save!r} must be a list of module names")
         found += type_problem("init_ia3_weights", self.init_ia3_weights, (bool,), "true or false")
         return found
-
-
-def _modules_problem(field: str, value: Any, allow_empty: bool) -> list[str]:
-    """A module selector must be None, a valid regex, or a list of names."""
-    if value is None:
-        return []
-    if isinstance(value, str):
-        try:
-            re.compile(value)
-        except re.error as exc:
-            return [f"{field}={value!r} is not a valid regular expression ({exc}); give a list of names"]
-        return []
-    if isinstance(value, (list, tuple)) and (value or allow_empty) and all(isinstance(t, str) and t for t in value):
-        return []
-    empty = "" if allow_empty else "non-empty "
-    return [f"{field}={value!r} must be a {empty}list of module names, a regular expression, or None "
-            f"(the architecture's defaults)"]
 
 
 class IA3Layer(WrappedLayer):

@@ -26,7 +26,7 @@ from torch import nn
 
 from feathertune import file_layout
 from feathertune import functional as fn
-from feathertune.config import MethodConfig, type_problem
+from feathertune.config import MethodConfig, positive_int
 from feathertune.errors import ConfigError
 from feathertune.file_layout import PREFIX, FilePlan
 from feathertune.wrapping import WrappedLayer, replace_module, unwrap
@@ -57,10 +57,7 @@ class LlamaAdapterConfig(MethodConfig):
     def problems(self) -> list[str]:
         found = []
         for field, typical in (("adapter_len", "10"), ("adapter_layers", "30, or the model's layer count")):
-            value = getattr(self, field)
-            found += type_problem(field, value, (int,), f"a positive integer (typical: {typical})")
-            if isinstance(value, int) and not isinstance(value, bool) and value <= 0:
-                found.append(f"{field}={value} must be a positive integer (typical: {typical})")
+            found += positive_int(field, getattr(self, field), typical)
         if not isinstance(self.target_modules, str) or not _CHILD_NAME.fullmatch(self.target_modules):
             found.append(f"target_modules={self.target_modules!r} must be the attention module's name inside "
                          f"each decoder layer, one identifier such as 'self_attn'")

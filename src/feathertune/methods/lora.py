@@ -26,7 +26,7 @@ from torch import nn
 
 from feathertune import functional as fn
 from feathertune import quant
-from feathertune.config import MethodConfig, type_problem
+from feathertune.config import MethodConfig, positive_int, type_problem
 from feathertune.errors import ConfigError
 from feathertune.file_layout import PREFIX, FilePlan
 from feathertune.saved_modules import ModulesToSave
@@ -63,10 +63,7 @@ class LoraConfig(MethodConfig):
     bias: str = "none"  # "lora_only": also train the biases of the adapted layers
 
     def problems(self) -> list[str]:
-        found = []
-        found += type_problem("r", self.r, (int,), "a positive integer")
-        if isinstance(self.r, int) and not isinstance(self.r, bool) and self.r <= 0:
-            found.append(f"r={self.r} must be a positive integer (typical: 4, 8, 16, 64)")
+        found = positive_int("r", self.r, "4, 8, 16, 64")
         found += type_problem("alpha", self.alpha, (int, float), "a positive number")
         if isinstance(self.alpha, (int, float)) and not isinstance(self.alpha, bool) and self.alpha <= 0:
             found.append(f"alpha={self.alpha} must be positive (typical: 2·r)")

@@ -24,7 +24,7 @@ from torch import nn
 
 from feathertune import file_layout
 from feathertune import functional as fn
-from feathertune.config import MethodConfig, type_problem
+from feathertune.config import MethodConfig, positive_int
 from feathertune.errors import ConfigError, UnsupportedAdapterError
 from feathertune.file_layout import FilePlan
 from feathertune.methods import prompt
@@ -47,15 +47,11 @@ class PrefixTuningConfig(MethodConfig):
     modules_to_save: list[str] = dataclasses.field(default_factory=list)  # e.g. ["score"]
 
     def problems(self) -> list[str]:
-        found = type_problem("num_virtual_tokens", self.num_virtual_tokens, (int,), "a positive integer")
-        if not found and self.num_virtual_tokens <= 0:
-            found.append(f"num_virtual_tokens={self.num_virtual_tokens} must be a positive integer (typical: 10-200)")
+        found = positive_int("num_virtual_tokens", self.num_virtual_tokens, "10-200")
         if not isinstance(self.prefix_projection, bool):
             found.append(f"prefix_projection={self.prefix_projection!r} must be true or false")
         if self.encoder_hidden_size is not None:
-            hidden = type_problem("encoder_hidden_size", self.encoder_hidden_size, (int,), "a positive integer or None")
-            found += hidden or ([f"encoder_hidden_size={self.encoder_hidden_size} must be positive"]
-                                if self.encoder_hidden_size <= 0 else [])
+            found += positive_int("encoder_hidden_size", self.encoder_hidden_size, "d_kv, or None")
             if self.prefix_projection is False:
                 found.append(f"encoder_hidden_size={self.encoder_hidden_size} is only used with prefix_projection=true")
         found += prompt.modules_to_save_problems(self.modules_to_save)

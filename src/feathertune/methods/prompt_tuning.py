@@ -22,7 +22,7 @@ from torch import nn
 
 from feathertune import file_layout
 from feathertune import functional as fn
-from feathertune.config import MethodConfig, type_problem
+from feathertune.config import MethodConfig, positive_int
 from feathertune.errors import ConfigError
 from feathertune.file_layout import FilePlan
 from feathertune.methods import prompt
@@ -49,9 +49,7 @@ class PromptTuningConfig(MethodConfig):
     modules_to_save: list[str] = dataclasses.field(default_factory=list)  # e.g. ["classifier"]
 
     def problems(self) -> list[str]:
-        found = type_problem("num_virtual_tokens", self.num_virtual_tokens, (int,), "a positive integer")
-        if not found and self.num_virtual_tokens <= 0:
-            found.append(f"num_virtual_tokens={self.num_virtual_tokens} must be a positive integer (typical: 20-100)")
+        found = positive_int("num_virtual_tokens", self.num_virtual_tokens, "20-100")
         if self.init not in INITS:
             found.append(f"init={self.init!r} is not one of {', '.join(INITS)}")
         if self.init == "text" and (not isinstance(self.init_text, str) or not self.init_text.strip()):

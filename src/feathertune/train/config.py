@@ -30,7 +30,7 @@ from typing import Any
 import yaml
 
 from feathertune import registry
-from feathertune.config import MethodConfig
+from feathertune.config import MethodConfig, positive_int
 from feathertune.errors import ConfigError
 
 TASKS = ("auto", "causal_lm", "classification")
@@ -75,9 +75,9 @@ class DataConfig:
         for key in ("format", "validation_format"):
             if getattr(self, key) not in FORMATS:
                 found.append(f"data.{key}={getattr(self, key)!r} is not one of {', '.join(FORMATS)}")
-        found += _positive_int("data.max_length", self.max_length)
+        found += positive_int("data.max_length", self.max_length)
         if self.max_validation is not None:
-            found += _positive_int("data.max_validation", self.max_validation)
+            found += positive_int("data.max_validation", self.max_validation)
         return found
 
 
@@ -108,9 +108,9 @@ class LoopConfig:
         if not isinstance(self.epochs, (int, float)) or isinstance(self.epochs, bool) or self.epochs <= 0:
             found.append(f"train.epochs={self.epochs!r} must be a positive number")
         if self.max_steps is not None:
-            found += _positive_int("train.max_steps", self.max_steps)
+            found += positive_int("train.max_steps", self.max_steps)
         for key in ("batch_size", "grad_accum", "keep_checkpoints", "log_every"):
-            found += _positive_int(f"train.{key}", getattr(self, key))
+            found += positive_int(f"train.{key}", getattr(self, key))
         for key in ("warmup_steps", "eval_every", "checkpoint_every", "seed"):
             found += _non_negative_int(f"train.{key}", getattr(self, key))
         if not isinstance(self.lr, (int, float)) or isinstance(self.lr, bool) or not 0 < self.lr < 1:
@@ -144,7 +144,7 @@ class EvalConfig:
         if not isinstance(self.compare_base, bool):
             found.append(f"eval.compare_base={self.compare_base!r} must be true or false")
         for key in ("max_new_tokens", "batch_size"):
-            found += _positive_int(f"eval.{key}", getattr(self, key))
+            found += positive_int(f"eval.{key}", getattr(self, key))
         found += _non_negative_int("eval.samples", self.samples)
         return found
 
@@ -462,12 +462,6 @@ def _build(cls, values: dict[str, Any], prefix: str, nested: dict[str, Any] | No
     else:
         problems += obj.problems()
     return obj, problems
-
-
-def _positive_int(name: str, value: Any) -> list[str]:
-    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-        return [f"{name}={value!r} must be a positive integer"]
-    return []
 
 
 def _non_negative_int(name: str, value: Any) -> list[str]:
