@@ -369,6 +369,23 @@ def test_two_adapters_on_the_head_add_at_the_model_output():
 
 
 @MATRIX
+def test_greedy_generate_with_the_kv_cache_equals_recomputing_each_step(method, kind):
+    """Cached decoding (prefill, then one token a step) picks the tokens a full forward per step picks."""
+    if kind not in ("llama", "gpt2"):
+        pytest.skip(f"{kind}: not a causal LM")
+    model, inputs, _, _ = perturbed_model(method, kind)
+    prompt = inputs["input_ids"][:1, :5]
+    with torch.no_grad():
+        out = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=8,
+                             do_sample=False, use_cache=True, pad_token_id=0)
+        ids = prompt
+        for _ in range(out.shape[1] - prompt.shape[1]):
+            ids = torch.cat([ids, model(input_ids=ids).logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+    assert out.shape[1] > prompt.shape[1]
+    assert torch.equal(out, ids), (out, ids)
+
+
+@MATRIX
 def test_inspect_prints_method_mergeable_and_the_trainable_count(method, kind, tmp_path):
     """`feathertune inspect` on a saved adapter names the method, whether it merges, and exactly
     the parameters that trained (what ft.trainable_parameters counts)."""
