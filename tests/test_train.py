@@ -64,6 +64,22 @@ def test_resume_after_sigkill_ends_with_the_same_adapter(workspace):
     assert metric_steps(out) == [1, 2, 3, 4, 5, 6]  # nothing duplicated or lost around the kill
 
 
+def test_the_base_scores_are_the_base_whatever_the_method(workspace):
+    """A prompt starts away from the base, so the step-0 loss reported as the base's must be taken
+    with the adapter disabled: every method's run reports the same base loss."""
+    root, config = workspace
+    base_losses = {}
+    for method, adapter in (("lora", None), ("prompt_tuning", {"num_virtual_tokens": 4})):
+        values = {**config, "train": {**config["train"], "max_steps": 2, "eval_every": 1}}
+        if adapter is not None:
+            values = {**{k: v for k, v in values.items() if k != "lora"}, "method": method, "adapter": adapter}
+        out = root / "runs" / f"base-{method}"
+        result = ft.run(ft.TrainConfig.from_dict({**values, "output": str(out)}), log=lambda *_: None)
+        base_losses[method] = result.metrics["base_eval_loss"]
+        assert json.loads((out / "metrics.jsonl").read_text().splitlines()[0])["eval_loss"] == base_losses[method]
+    assert base_losses["lora"] == pytest.approx(base_losses["prompt_tuning"], abs=1e-6), base_losses
+
+
 @pytest.mark.parametrize("method, adapter", [
     ("prefix_tuning", {"num_virtual_tokens": 4, "prefix_projection": True}),  # its file folds the MLP away
     ("ia3", {}),

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from feathertune.adapters import attach, trainable_parameters
+from feathertune.adapters import attach, disabled, trainable_parameters
 from feathertune.checkpoint import save_adapter
 from feathertune.data import Tokenized, batch_indices, collate, read_examples, tokenize_examples
 from feathertune.errors import ConfigError, FeathertuneError
@@ -107,7 +107,10 @@ def _run(config: TrainConfig, resume: bool, procs: distributed.Processes, say) -
         return _validation_loss(model, val_tok, pad_id, task, config.eval.batch_size)
 
     measure_base = val_tok is not None and loop.eval_every and start == 0 and procs.is_main
-    base_loss = validation_loss() if measure_base else None
+    base_loss = None
+    if measure_base:  # the base itself: an adapter that is not zero-initialised (prompts) already differs
+        with disabled(model):
+            base_loss = validation_loss()
     metrics = _open_run_directory(out, config, start if resume else None, procs)
     if base_loss is not None and metrics is not None:
         metrics.write({"step": 0, "eval_loss": base_loss})  # the curve's starting point in loss.png
