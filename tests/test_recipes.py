@@ -36,3 +36,25 @@ def test_sst2_recipe_reaches_85_percent(tmp_path, monkeypatch):
     scores, seconds = run_recipe("sst2-lora", tmp_path / "sst2", monkeypatch)
     print(f"SST-2: accuracy {scores['accuracy']:.3f} in {seconds / 60:.1f} min")
     assert scores["accuracy"] >= 0.85, scores
+
+
+# Each method's recipes, with the least the fine-tuned model must reach: E2E BLEU gained over the
+# base, and SST-2 accuracy. The measured figures (README "Methods") sit well above each bound, so
+# a failure means the method broke, not that a seed was unlucky.
+E2E_GAINS = {"e2e-ia3": 30, "e2e-bottleneck": 30, "e2e-llama-adapter": 30, "e2e-prompt-tuning": 20,
+             "e2e-prefix-tuning": 25}
+SST2_ACCURACY = {"sst2-ia3": 0.80, "sst2-bottleneck": 0.80, "sst2-prompt-tuning": 0.65}
+
+
+@pytest.mark.parametrize("recipe", list(E2E_GAINS))
+def test_each_methods_e2e_recipe_beats_the_base(recipe, tmp_path, monkeypatch):
+    scores, seconds = run_recipe(recipe, tmp_path / recipe, monkeypatch)
+    print(f"{recipe}: BLEU {scores['base_bleu']:.1f} -> {scores['bleu']:.1f} in {seconds / 60:.1f} min")
+    assert scores["bleu"] >= scores["base_bleu"] + E2E_GAINS[recipe], scores
+
+
+@pytest.mark.parametrize("recipe", list(SST2_ACCURACY))
+def test_each_methods_sst2_recipe_beats_the_base(recipe, tmp_path, monkeypatch):
+    scores, seconds = run_recipe(recipe, tmp_path / recipe, monkeypatch)
+    print(f"{recipe}: accuracy {scores['base_accuracy']:.3f} -> {scores['accuracy']:.3f} in {seconds / 60:.1f} min")
+    assert scores["accuracy"] >= max(SST2_ACCURACY[recipe], scores["base_accuracy"] + 0.1), scores
