@@ -94,8 +94,9 @@ def resolve_method(name: str, source: str = "method") -> tuple[MethodSpec, dict[
         return METHODS[name], {}
     names = method_names()
     hint = difflib.get_close_matches(str(name), names, n=1, cutoff=0.5)
-    raise ConfigError(f"method={name!r} is not a method feathertune has" + (f" (did you mean {hint[0]}?)" if hint else "")
-                      + f"; available: {', '.join(names)}", source=source)
+    did_you_mean = f" (did you mean {hint[0]}?)" if hint else ""
+    raise ConfigError(f"method={name!r} is not a method feathertune has{did_you_mean}; available: "
+                      f"{', '.join(names)}", source=source)
 
 
 def spec_for(config: MethodConfig) -> MethodSpec:

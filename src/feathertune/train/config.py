@@ -240,7 +240,8 @@ def _adapter_spelling(values: dict[str, Any]) -> tuple[dict[str, Any], str, list
     lora = values.pop(LORA_SPELLING)
     method = values.get("method", "lora")
     problems = []
-    if isinstance(method, str) and method in registry.method_names() and registry.resolve_method(method)[0].name != "lora":
+    known = isinstance(method, str) and method in registry.method_names()
+    if known and registry.resolve_method(method)[0].name != "lora":
         problems.append(f"lora: is LoRA's section, but method={method}; give this method's settings in adapter:")
     if "adapter" in values:
         problems.append("the config has both adapter: and lora: (the older spelling of adapter: for LoRA); keep one")
