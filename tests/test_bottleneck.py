@@ -25,7 +25,7 @@ from torch import nn
 import feathertune as ft
 from feathertune.adapters import adapter_parameters
 from feathertune.methods.bottleneck import BottleneckConfig, BottleneckLayer
-from feathertune.wrapping import BASE, wrapped_layers
+from feathertune.wrapping import wrapped_layers
 from models import BUILDERS, VOCAB, SmallCNN, tiny_llama
 
 pytest.importorskip("transformers")
@@ -170,43 +170,6 @@ def test_file_holds_the_four_tensors_per_site_and_the_resolved_config(tmp_path):
     loaded = ft.load_adapter(BUILDERS["bert"](seed=0), tmp_path)
     ids = ids_for()
     assert torch.equal(logits(loaded, ids), logits(model, ids))
-
-
-# --- generation and mixed batches ------------------------------------------------------------------
-
-@pytest.mark.parametrize("kind", ["llama", "gpt2"])
-def test_generate_with_cache_equals_recomputing(kind):
-    model = ft.attach(BUILDERS[kind](seed=0), BottleneckConfig())
-    perturb(model)
-    prompt = ids_for(batch=1, length=5, seed=4)
-    with torch.no_grad():
-        out = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=8,
-                             do_sample=False, use_cache=True, pad_token_id=0)
-        ids = prompt
-        for _ in range(out.shape[1] - prompt.shape[1]):
-            ids = torch.cat([ids, model(input_ids=ids).logits[:, -1].argmax(-1, keepdim=True)], dim=1)
-    assert out.shape[1] > prompt.shape[1]
-    assert torch.equal(out, ids)
-
-
-@pytest.mark.parametrize("kind", ["llama", "gpt2"])
-def test_mixed_batch_rows_equal_each_alone(kind):
-    model = base_model(kind, torch.float64)
-    ft.attach(model, BottleneckConfig(), name="a")
-    ft.attach(model, BottleneckConfig(style="pfeiffer", bottleneck_size=4, non_linearity="tanh"), name="b")
-    perturb(model, "a", seed=0)
-    perturb(model, "b", seed=1)
-    names = ["a", "b", BASE, "b"]
-    ids = ids_for(batch=4)
-    mixed = logits(model, ids, adapter_names=names)
-    for row, name in enumerate(names):
-        if name == BASE:
-            with ft.disabled(model):
-                alone = logits(model, ids[row:row + 1])
-        else:
-            ft.set_active(model, name)
-            alone = logits(model, ids[row:row + 1])
-        assert (mixed[row:row + 1] - alone).abs().max() <= 1e-10, (row, name)
 
 
 # --- errors ----------------------------------------------------------------------------------------

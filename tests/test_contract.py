@@ -21,6 +21,7 @@ from torch import nn
 import feathertune as ft
 from feathertune.adapters import adapter_parameters
 from feathertune.registry import METHODS as REGISTRY
+from feathertune.wrapping import BASE
 from models import BUILDERS, inputs_for, output_of
 
 R, ALPHA = 4, 8
@@ -383,6 +384,32 @@ def test_greedy_generate_with_the_kv_cache_equals_recomputing_each_step(method, 
             ids = torch.cat([ids, model(input_ids=ids).logits[:, -1].argmax(-1, keepdim=True)], dim=1)
     assert out.shape[1] > prompt.shape[1]
     assert torch.equal(out, ids), (out, ids)
+
+
+@MATRIX
+def test_mixed_batch_rows_equal_each_alone_or_are_refused(method, kind):
+    """`adapter_names=[...]` gives each row what that adapter (or the base) gives it alone; a method
+    that changes the sequence itself refuses a mixed batch clearly."""
+    model = fresh_base(kind)
+    inputs = inputs_for(kind)
+    for seed, name in enumerate(("a", "b")):
+        ft.attach(model, config(method, kind), name=name)
+        perturb(model, name, seed=seed)
+    names = ["a", "b", BASE]
+    if not REGISTRY[METHODS[method][0](kind)[0]].mixed_batch:
+        with pytest.raises(ft.ConfigError, match="cannot run in a mixed batch"):
+            run(model, {**inputs, "adapter_names": names})
+        return
+    mixed = run(model, {**inputs, "adapter_names": names})
+    for row, name in enumerate(names):
+        alone_inputs = {k: v[row:row + 1] for k, v in inputs.items()}
+        if name == BASE:
+            with ft.disabled(model):
+                alone = run(model, alone_inputs)
+        else:
+            ft.set_active(model, name)
+            alone = run(model, alone_inputs)
+        assert max_diff(mixed[row:row + 1], alone) <= 1e-5, (row, name)
 
 
 @MATRIX

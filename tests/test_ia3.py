@@ -24,7 +24,7 @@ from torch import nn
 import feathertune as ft
 from feathertune.adapters import adapter_parameters
 from feathertune.methods.ia3 import IA3Config, IA3Layer
-from feathertune.wrapping import BASE, wrapped_layers
+from feathertune.wrapping import wrapped_layers
 from models import VOCAB, BUILDERS, SmallCNN, tiny_llama
 
 pytest.importorskip("transformers")
@@ -225,42 +225,6 @@ def test_trainable_count_is_the_sum_of_scaled_widths():
         total = sum(p.numel() for p in model.parameters())
         ft.attach(model, IA3Config())
         assert ft.trainable_parameters(model) == (formula(model.config), total + formula(model.config)), kind
-
-
-@pytest.mark.parametrize("kind", ["llama", "gpt2"])
-def test_generate_with_cache_equals_recomputing(kind):
-    model = ft.attach(BUILDERS[kind](seed=0), IA3Config())
-    perturb(model)
-    prompt = ids_for(batch=1, length=5, seed=4)
-    with torch.no_grad():
-        out = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=8,
-                             do_sample=False, use_cache=True, pad_token_id=0)
-        ids = prompt
-        for _ in range(out.shape[1] - prompt.shape[1]):
-            ids = torch.cat([ids, model(input_ids=ids).logits[:, -1].argmax(-1, keepdim=True)], dim=1)
-    assert out.shape[1] > prompt.shape[1]
-    assert torch.equal(out, ids)
-
-
-@pytest.mark.parametrize("kind", ["llama", "gpt2"])
-def test_mixed_batch_rows_equal_each_alone(kind):
-    model = base_model(kind, torch.float64)
-    ft.attach(model, IA3Config(), name="a")
-    other = ["q_proj", "down_proj"] if kind == "llama" else ["c_attn", "c_fc", "mlp.c_proj"]
-    ft.attach(model, IA3Config(target_modules=other, feedforward_modules=other[-1:]), name="b")
-    perturb(model, "a", seed=0)
-    perturb(model, "b", seed=1)
-    names = ["a", "b", BASE, "b"]
-    ids = ids_for(batch=4)
-    mixed = logits(model, ids, adapter_names=names)
-    for row, name in enumerate(names):
-        if name == BASE:
-            with ft.disabled(model):
-                alone = logits(model, ids[row:row + 1])
-        else:
-            ft.set_active(model, name)
-            alone = logits(model, ids[row:row + 1])
-        assert (mixed[row:row + 1] - alone).abs().max() <= 1e-10, (row, name)
 
 
 # --- errors ----------------------------------------------------------------------------------------
