@@ -131,8 +131,8 @@ class PrefixTuningSite(prompt.VirtualTokenSite):
             raise UnsupportedAdapterError(
                 f"adapter {name!r} trains its prefixes through the reparameterisation MLP (prefix_projection="
                 f"true), and a file holds only the folded prefixes, from which the MLP cannot be rebuilt; "
-                f"ft.load_adapter loads the file as plain prefixes (to resume a run from its files, train "
-                f"with prefix_projection=false)")
+                f"ft.load_adapter loads the file as plain prefixes (a training run resumes from its "
+                f"checkpoint, which keeps the MLP)")
         adapter.prefix.copy_(tensors[prompt.EMBEDDINGS_KEY])
 
     def prepare_inputs(self, model: nn.Module, kwargs: dict[str, Any]) -> dict[str, Any]:
