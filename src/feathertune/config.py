@@ -98,3 +98,10 @@ def positive_int(name: str, value: Any, typical: str = "") -> list[str]:
     if isinstance(value, int) and not isinstance(value, bool) and value > 0:
         return []
     return [f"{name}={value!r} must be a positive integer" + (f" (typical: {typical})" if typical else "")]
+
+
+def names_problem(name: str, value: Any) -> list[str]:
+    """A one-item list unless `value` is a list of module names (e.g. modules_to_save)."""
+    if isinstance(value, (list, tuple)) and all(isinstance(m, str) and m for m in value):
+        return []
+    return [f"{name}={value!r} must be a list of module names, e.g. ['classifier']"]

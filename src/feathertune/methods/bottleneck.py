@@ -28,7 +28,7 @@ from torch import nn
 
 from feathertune import file_layout
 from feathertune import functional as fn
-from feathertune.config import MethodConfig, modules_problem, positive_int
+from feathertune.config import MethodConfig, modules_problem, names_problem, positive_int
 from feathertune.errors import ConfigError, TargetError
 from feathertune.file_layout import PREFIX, FilePlan
 from feathertune.saved_modules import ModulesToSave
@@ -78,9 +78,7 @@ class BottleneckConfig(MethodConfig):
                          f"{', '.join(fn.BOTTLENECK_ACTIVATIONS)}")
         found += modules_problem("target_modules", self.target_modules,
                                  none_means="the style's sublayer outputs for this architecture")
-        if not isinstance(self.modules_to_save, (list, tuple)) or not all(
-                isinstance(m, str) and m for m in self.modules_to_save):
-            found.append(f"modules_to_save={self.modules_to_save!r} must be a list of module names")
+        found += names_problem("modules_to_save", self.modules_to_save)
         return found
 
     def width(self, d: int) -> int:

@@ -26,7 +26,7 @@ from torch import nn
 from feathertune import file_layout
 from feathertune import functional as fn
 from feathertune import quant
-from feathertune.config import MethodConfig, modules_problem, type_problem
+from feathertune.config import MethodConfig, modules_problem, names_problem, type_problem
 from feathertune.errors import ConfigError, TargetError
 from feathertune.file_layout import PREFIX, FilePlan
 from feathertune.saved_modules import ModulesToSave
@@ -81,9 +81,7 @@ class IA3Config(MethodConfig):
             if extra:
                 found.append(f"feedforward_modules={self.feedforward_modules!r} must be a subset of target_modules="
                              f"{self.target_modules!r}; {extra} are not targets (add them to target_modules)")
-        if not isinstance(self.modules_to_save, (list, tuple)) or not all(
-                isinstance(m, str) and m for m in self.modules_to_save):
-            found.append(f"modules_to_save={self.modules_to_save!r} must be a list of module names")
+        found += names_problem("modules_to_save", self.modules_to_save)
         found += type_problem("init_ia3_weights", self.init_ia3_weights, (bool,), "true or false")
         return found
 

@@ -26,7 +26,7 @@ from torch import nn
 
 from feathertune import functional as fn
 from feathertune import quant
-from feathertune.config import MethodConfig, positive_int, type_problem
+from feathertune.config import MethodConfig, names_problem, positive_int, type_problem
 from feathertune.errors import ConfigError
 from feathertune.file_layout import PREFIX, FilePlan
 from feathertune.saved_modules import ModulesToSave
@@ -98,9 +98,7 @@ class LoraConfig(MethodConfig):
         for key, value in patterns.get("alpha_pattern", {}).items():
             if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
                 found.append(f"alpha_pattern[{key!r}]={value!r} must be a positive number")
-        if not isinstance(self.modules_to_save, (list, tuple)) or not all(
-                isinstance(m, str) and m for m in self.modules_to_save):
-            found.append(f"modules_to_save={self.modules_to_save!r} must be a list of module names")
+        found += names_problem("modules_to_save", self.modules_to_save)
         if self.init not in INITS:
             found.append(f"init={self.init!r} is not one of {', '.join(INITS)}")
         for flag in ("use_rslora", "use_dora"):

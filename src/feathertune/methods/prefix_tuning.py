@@ -24,7 +24,7 @@ from torch import nn
 
 from feathertune import file_layout
 from feathertune import functional as fn
-from feathertune.config import MethodConfig, positive_int
+from feathertune.config import MethodConfig, names_problem, positive_int
 from feathertune.errors import ConfigError, UnsupportedAdapterError
 from feathertune.file_layout import FilePlan
 from feathertune.methods import prompt
@@ -54,7 +54,7 @@ class PrefixTuningConfig(MethodConfig):
             found += positive_int("encoder_hidden_size", self.encoder_hidden_size, "d_kv, or None")
             if self.prefix_projection is False:
                 found.append(f"encoder_hidden_size={self.encoder_hidden_size} is only used with prefix_projection=true")
-        found += prompt.modules_to_save_problems(self.modules_to_save)
+        found += names_problem("modules_to_save", self.modules_to_save)
         return found
 
 

@@ -156,12 +156,6 @@ def task_type(model: nn.Module, saved: list[str]) -> str | None:
     return found
 
 
-def modules_to_save_problems(value: Any) -> list[str]:
-    if not isinstance(value, (list, tuple)) or not all(isinstance(m, str) and m for m in value):
-        return [f"modules_to_save={value!r} must be a list of module names, e.g. ['classifier']"]
-    return []
-
-
 def check_shared_keys(values: dict[str, Any]) -> list[str]:
     """Problems with the keys of a PEFT prompt-learning config that both methods read."""
     found = []

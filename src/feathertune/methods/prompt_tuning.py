@@ -22,7 +22,7 @@ from torch import nn
 
 from feathertune import file_layout
 from feathertune import functional as fn
-from feathertune.config import MethodConfig, positive_int
+from feathertune.config import MethodConfig, names_problem, positive_int
 from feathertune.errors import ConfigError
 from feathertune.file_layout import FilePlan
 from feathertune.methods import prompt
@@ -61,7 +61,7 @@ class PromptTuningConfig(MethodConfig):
                 found.append(f"{field}={value!r} is only used with init='text' (init={self.init!r})")
             elif field == "tokenizer" and value is not None and not isinstance(value, str):
                 found.append(f"{field}={value!r} must be a string")
-        found += prompt.modules_to_save_problems(self.modules_to_save)
+        found += names_problem("modules_to_save", self.modules_to_save)
         return found
 
 
