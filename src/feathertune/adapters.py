@@ -336,8 +336,7 @@ def _check_batch_names(model, names, args, kwargs) -> None:
         raise ConfigError("mixed-batch inference needs unmerged adapters; call ft.unmerge(model) first",
                           source="adapter_names")
     configs = adapter_state(model).configs
-    refused = sorted({n for site in sites if not site.supports_mixed_batch
-                      for n in site.adapter_names() if n in names})
+    refused = sorted({n for n in names if n in configs and not spec_for(configs[n]).mixed_batch})
     if refused:
         kinds = ", ".join(f"{n} ({type(configs[n]).__name__})" for n in refused)
         raise ConfigError(f"adapter_names: {kinds} cannot run in a mixed batch (the method changes the "

@@ -35,7 +35,7 @@ class MethodSpec:
     config_from_file: Callable[[dict[str, Any], str], MethodConfig]
     # (model, file tensors, config, where) -> how to re-attach so that the tensors fit
     plan_from_file: Callable[[nn.Module, dict[str, torch.Tensor], Any, str], FilePlan]
-    mixed_batch: bool = True  # per-row adapters (`adapter_names=[...]`) work
+    mixed_batch: bool = True  # per-row adapters (`adapter_names=[...]`) work; False: refused by name
 
 
 METHODS: dict[str, MethodSpec] = {

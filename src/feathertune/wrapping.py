@@ -39,8 +39,6 @@ class ForwardContext:
 class AdapterSite(nn.Module):
     """A module that carries named adapters. Subclasses implement the adapter-facing methods."""
 
-    supports_mixed_batch = True  # False: `adapter_names=[...]` is refused while this site is in use
-
     def __init__(self):
         super().__init__()
         self.active: list[str] = []  # adapters that run in the forward

@@ -44,8 +44,6 @@ class VirtualTokenSite(ModelSite):
     the inputs in `prepare_inputs`.
     """
 
-    supports_mixed_batch = False  # the sequence changes for every row at once
-
     def __init__(self):
         super().__init__()
         self.adapters = nn.ModuleDict()
