@@ -64,6 +64,17 @@ def inputs_for(kind: str, batch: int = 3, seed: int = 1):
     return {"input_ids": torch.randint(0, VOCAB, (batch, 10), generator=g)}
 
 
+def random_ids(batch: int = 3, length: int = 10, seed: int = 1) -> torch.Tensor:
+    """(batch, length) token ids of the tiny models' vocabulary."""
+    return torch.randint(0, VOCAB, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+@torch.no_grad()
+def logits_of(model, ids, **kwargs) -> torch.Tensor:
+    """The causal LM's or classifier's logits for `ids`, detached."""
+    return model(input_ids=ids, **kwargs).logits.detach().clone()
+
+
 def output_of(model, inputs):
     out = model(**inputs)
     return out if isinstance(out, torch.Tensor) else out.logits

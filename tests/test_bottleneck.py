@@ -26,7 +26,7 @@ import feathertune as ft
 from feathertune.adapters import adapter_parameters
 from feathertune.methods.bottleneck import BottleneckConfig, BottleneckLayer
 from feathertune.wrapping import wrapped_layers
-from models import BUILDERS, VOCAB, SmallCNN, tiny_llama
+from models import BUILDERS, SmallCNN, logits_of, random_ids, tiny_llama
 
 pytest.importorskip("transformers")
 
@@ -47,15 +47,6 @@ BLOCKS = {"llama": "model.layers.{}.", "gpt2": "transformer.h.{}.", "bert": "ber
 
 
 # --- helpers --------------------------------------------------------------------------------------
-
-def ids_for(batch: int = 3, length: int = 10, seed: int = 1) -> torch.Tensor:
-    return torch.randint(0, VOCAB, (batch, length), generator=torch.Generator().manual_seed(seed))
-
-
-@torch.no_grad()
-def logits(model, ids, **kwargs) -> torch.Tensor:
-    return model(input_ids=ids, **kwargs).logits.detach().clone()
-
 
 @torch.no_grad()
 def perturb(model, name: str = "default", seed: int = 0) -> None:
@@ -113,10 +104,10 @@ def test_model_equals_the_base_with_hooked_adapters(kind, style, non_linearity):
     model = ft.attach(copy.deepcopy(base), BottleneckConfig(style=style, non_linearity=non_linearity))
     assert list(bottleneck_layers(model)) == expected_sites(kind, style)
     perturb(model)
-    ids = ids_for()
-    adapted = logits(model, ids)
-    assert (adapted - logits(base, ids)).abs().max() > 1e-5, "the perturbed adapters should change the output"
-    assert (adapted - logits(hooked_base(base, model, non_linearity, ["default"]), ids)).abs().max() <= 1e-10
+    ids = random_ids()
+    adapted = logits_of(model, ids)
+    assert (adapted - logits_of(base, ids)).abs().max() > 1e-5, "the perturbed adapters should change the output"
+    assert (adapted - logits_of(hooked_base(base, model, non_linearity, ["default"]), ids)).abs().max() <= 1e-10
 
 
 def test_two_active_adapters_each_read_h_and_add_up():
@@ -127,8 +118,8 @@ def test_two_active_adapters_each_read_h_and_add_up():
     perturb(model, "a", seed=0)
     perturb(model, "b", seed=1)
     ft.set_active(model, ["a", "b"])
-    ids = ids_for()
-    assert (logits(model, ids) - logits(hooked_base(base, model, "relu", ["a", "b"]), ids)).abs().max() <= 1e-10
+    ids = random_ids()
+    assert (logits_of(model, ids) - logits_of(hooked_base(base, model, "relu", ["a", "b"]), ids)).abs().max() <= 1e-10
 
 
 def test_given_target_modules_replace_the_style():
@@ -168,8 +159,8 @@ def test_file_holds_the_four_tensors_per_site_and_the_resolved_config(tmp_path):
     assert (values["style"], values["bottleneck_size"], values["non_linearity"]) == ("houlsby", 3, "gelu")
     assert values["modules_to_save"] == ["classifier"] and values["task_type"] == "SEQ_CLS"
     loaded = ft.load_adapter(BUILDERS["bert"](seed=0), tmp_path)
-    ids = ids_for()
-    assert torch.equal(logits(loaded, ids), logits(model, ids))
+    ids = random_ids()
+    assert torch.equal(logits_of(loaded, ids), logits_of(model, ids))
 
 
 # --- errors ----------------------------------------------------------------------------------------
@@ -201,11 +192,11 @@ def test_invalid_values_are_all_listed():
 def test_merge_is_refused_and_leaves_the_model_as_it_was():
     model = ft.attach(tiny_llama(), BottleneckConfig())
     perturb(model)
-    ids = ids_for()
-    before = logits(model, ids)
+    ids = random_ids()
+    before = logits_of(model, ids)
     with pytest.raises(ft.ConfigError, match="cannot be merged"):
         ft.merge(model)
-    assert torch.equal(logits(model, ids), before)
+    assert torch.equal(logits_of(model, ids), before)
 
 
 def test_file_with_unknown_keys_is_refused(tmp_path):

@@ -25,7 +25,7 @@ import feathertune as ft
 from feathertune.adapters import adapter_parameters
 from feathertune.methods.ia3 import IA3Config, IA3Layer
 from feathertune.wrapping import wrapped_layers
-from models import VOCAB, BUILDERS, SmallCNN, tiny_llama
+from models import BUILDERS, SmallCNN, logits_of, random_ids, tiny_llama
 
 pytest.importorskip("transformers")
 pytestmark = [pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing.*:FutureWarning"),
@@ -35,15 +35,6 @@ PREFIX = "base_model.model."
 
 
 # --- helpers --------------------------------------------------------------------------------------
-
-def ids_for(batch: int = 3, length: int = 10, seed: int = 1) -> torch.Tensor:
-    return torch.randint(0, VOCAB, (batch, length), generator=torch.Generator().manual_seed(seed))
-
-
-@torch.no_grad()
-def logits(model, ids, **kwargs) -> torch.Tensor:
-    return model(input_ids=ids, **kwargs).logits.detach().clone()
-
 
 @torch.no_grad()
 def perturb(model, name: str = "default", seed: int = 0) -> None:
@@ -124,10 +115,10 @@ def test_model_equals_the_base_with_rescaled_weights(kind):
     base = base_model(kind, torch.float64)
     model = ft.attach(copy.deepcopy(base), IA3Config())
     perturb(model)
-    ids = ids_for()
-    adapted = logits(model, ids)
-    assert (adapted - logits(base, ids)).abs().max() > 1e-5, "the perturbed vectors should change the output"
-    assert (adapted - logits(rescaled_base(base, model, ["default"]), ids)).abs().max() <= 1e-10
+    ids = random_ids()
+    adapted = logits_of(model, ids)
+    assert (adapted - logits_of(base, ids)).abs().max() > 1e-5, "the perturbed vectors should change the output"
+    assert (adapted - logits_of(rescaled_base(base, model, ["default"]), ids)).abs().max() <= 1e-10
 
 
 def test_default_targets_and_orientation_follow_peft():
@@ -179,8 +170,8 @@ def test_feathertune_file_loads_in_peft(kind, tmp_path):
     theirs = peft.utils.get_peft_model_state_dict(loaded)
     assert set(ours) == set(theirs)
     assert all(torch.equal(theirs[k], t) for k, t in ours.items())
-    ids = ids_for()
-    assert (logits(loaded, ids) - logits(model, ids)).abs().max() <= 1e-5
+    ids = random_ids()
+    assert (logits_of(loaded, ids) - logits_of(model, ids)).abs().max() <= 1e-5
 
 
 @pytest.mark.parametrize("kind", list(PEFT_KINDS))
@@ -200,10 +191,10 @@ def test_peft_file_loads_in_feathertune(kind, tmp_path):
     peft_layers = {n.removeprefix(PREFIX) for n, m in peft_model.named_modules()
                    if isinstance(m, peft.tuners.ia3.IA3Layer)}
     assert set(ia3_layers(model)) == peft_layers
-    ids = ids_for()
-    base = logits(base_model(kind), ids)
-    assert (logits(peft_model, ids) - base).abs().max() > 1e-3
-    assert (logits(model, ids) - logits(peft_model, ids)).abs().max() <= 1e-5
+    ids = random_ids()
+    base = logits_of(base_model(kind), ids)
+    assert (logits_of(peft_model, ids) - base).abs().max() > 1e-3
+    assert (logits_of(model, ids) - logits_of(peft_model, ids)).abs().max() <= 1e-5
     ft.save_adapter(model, tmp_path / "again")
     theirs, again = read_file(tmp_path / "peft"), read_file(tmp_path / "again")
     assert set(again) == set(theirs)
