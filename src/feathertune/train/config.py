@@ -226,9 +226,9 @@ class TrainConfig:
             built[name], section_problems = _build(section_cls, section, prefix=prefix)
             problems += section_problems
         config, top_problems = _build(cls, top, prefix="", nested=built)
-        problems += [p for p in top_problems if not p.startswith("adapter is a ")]  # said once, above
+        problems += top_problems
         if problems:
-            raise ConfigError(list(dict.fromkeys(problems)), source=source)
+            raise ConfigError(problems, source=source)
         return config
 
 
