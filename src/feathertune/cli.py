@@ -80,7 +80,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.set_defaults(handler=_chat)
 
-    p = sub.add_parser("merge", help="fold an adapter into the base and write a full model directory")
+    p = sub.add_parser("merge", help="fold an adapter into the base and write a full model directory "
+                                     "(mergeable methods: LoRA and its variants, (IA)³)")
     p.add_argument("--adapter", required=True, help="adapter directory (or run directory)")
     p.add_argument("--out", required=True, help="where to write the merged model (transformers format)")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it already holds files")
