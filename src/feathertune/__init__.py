@@ -5,7 +5,7 @@
     ft.save_adapter(model, "out/adapter")   # PEFT's file format
 
 One config class per method (LoraConfig, IA3Config, BottleneckConfig, PromptTuningConfig,
-PrefixTuningConfig, LlamaAdapterConfig); `attach`, `save_adapter` and the rest take any of them.
+PrefixTuningConfig, LlamaAdapterConfig, PartialConfig); `attach`, `save_adapter` and the rest take any of them.
 """
 
 from feathertune.adapters import (
@@ -30,6 +30,7 @@ from feathertune.methods.bottleneck import BottleneckConfig
 from feathertune.methods.ia3 import IA3Config
 from feathertune.methods.llama_adapter import LlamaAdapterConfig
 from feathertune.methods.lora import LoraConfig
+from feathertune.methods.partial import PartialConfig
 from feathertune.methods.prefix_tuning import PrefixTuningConfig
 from feathertune.methods.prompt_tuning import PromptTuningConfig
 from feathertune.models import load_model
@@ -48,6 +49,7 @@ __all__ = [
     "IA3Config",
     "LlamaAdapterConfig",
     "LoraConfig",
+    "PartialConfig",
     "PrefixTuningConfig",
     "PromptTuningConfig",
     "TrainConfig",

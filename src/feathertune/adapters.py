@@ -46,7 +46,6 @@ class AdapterState:
     modules: dict[str, list[str]] = dataclasses.field(default_factory=dict)  # adapted module names
     active: list[str] = dataclasses.field(default_factory=list)
     context: ForwardContext = dataclasses.field(default_factory=ForwardContext)  # shared by every site
-    hooks: list = dataclasses.field(default_factory=list)  # the model's pre- and post-forward hooks
 
 
 def adapter_state(model: nn.Module) -> AdapterState:
@@ -110,9 +109,9 @@ def _attach(model: nn.Module, config: MethodConfig, name: str, *, init: bool,
     model.__dict__[STATE] = state
     for _, site in adapter_sites(model):
         site.context = state.context
-    if not state.hooks:
-        state.hooks = [model.register_forward_pre_hook(_before_forward, with_kwargs=True),
-                       model.register_forward_hook(_after_forward)]
+    if _before_forward not in model._forward_pre_hooks.values():
+        model.register_forward_pre_hook(_before_forward, with_kwargs=True)
+        model.register_forward_hook(_after_forward)
     set_active(model, [name])
 
 
@@ -131,8 +130,10 @@ def _remove_from_sites(model: nn.Module, name: str) -> None:
 
 
 def adapter_parameters(model: nn.Module, name: str) -> list[nn.Parameter]:
-    """Adapter `name`'s parameters, from every site that holds it (what training updates)."""
-    return [p for _, site in adapter_sites(model) for p in site.adapter_parameters(name)]
+    """Adapter `name`'s parameters, from every site that holds it (what training updates), each once
+    (tied tensors of partial fine-tuning share one parameter between two sites)."""
+    found = {id(p): p for _, site in adapter_sites(model) for p in site.adapter_parameters(name)}
+    return list(found.values())
 
 
 def set_trainable(model: nn.Module, name: str, trainable: bool) -> None:
@@ -266,7 +267,7 @@ def _untie_merged_weights(model: nn.Module) -> None:
     for name, layer in wrapped_layers(model):
         weight = getattr(layer.base, "weight", None)
         if not layer.is_merged() and isinstance(weight, nn.Parameter) and uses.get(id(weight), 0) > 1 \
-                and any(n in layer.active for n in layer.adapter_names()):
+                and "weight" in layer.merges_into():
             warnings.warn(f"{name}.weight is shared with another module (tied embeddings); merging gives "
                           f"{name} its own copy so the other module keeps the original weights", stacklevel=3)
             layer.base.weight = nn.Parameter(weight.detach().clone(), requires_grad=weight.requires_grad)
@@ -284,9 +285,13 @@ def unmerge(model: nn.Module) -> nn.Module:
 
 
 def _forget(model: nn.Module) -> None:
-    state = model.__dict__.pop(STATE, None)
-    for hook in state.hooks if state is not None else ():
-        hook.remove()
+    """Drop the adapter state and the forward hooks. The hooks are found by function, not kept as
+    handles, so that a deep copy of an adapted model (ft.interpolate makes some) owns its own."""
+    model.__dict__.pop(STATE, None)
+    for hooks, hook in ((model._forward_pre_hooks, _before_forward), (model._forward_hooks, _after_forward)):
+        for key in [k for k, f in hooks.items() if f is hook]:
+            del hooks[key]
+            model._forward_pre_hooks_with_kwargs.pop(key, None)
 
 
 def _before_forward(model: nn.Module, args: tuple, kwargs: dict):

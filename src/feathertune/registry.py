@@ -17,7 +17,7 @@ from torch import nn
 from feathertune.config import MethodConfig
 from feathertune.errors import ConfigError
 from feathertune.file_layout import FilePlan
-from feathertune.methods import bottleneck, ia3, llama_adapter, lora_peft, prefix_tuning, prompt_tuning
+from feathertune.methods import bottleneck, ia3, llama_adapter, lora_peft, partial, prefix_tuning, prompt_tuning
 from feathertune.methods.lora import LoraConfig, attach_lora
 
 
@@ -65,14 +65,19 @@ METHODS: dict[str, MethodSpec] = {
                                 config_to_file=prefix_tuning.config_to_file,
                                 config_from_file=prefix_tuning.config_from_file,
                                 plan_from_file=prefix_tuning.plan_from_file, mixed_batch=False),
+    "partial": MethodSpec("partial", partial.PartialConfig, partial.attach_partial, peft_type=partial.PEFT_TYPE,
+                          mergeable=True, config_to_file=partial.config_to_file,
+                          config_from_file=partial.config_from_file, plan_from_file=partial.plan_from_file),
 }
 
 
 # Names the training config also accepts: a registry method with some of its settings fixed.
-# qlora is LoRA over a base quantized to NF4 (the training config's `quantize: nf4`).
+# qlora is LoRA over a base quantized to NF4 (the training config's `quantize: nf4`); bitfit trains the
+# biases only (Ben Zaken et al. 2022) and full every tensor, both as partial fine-tuning.
 VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "dora": ("lora", {"use_dora": True}), "rslora": ("lora", {"use_rslora": True}),
     "pissa": ("lora", {"init": "pissa"}), "qlora": ("lora", {}),
+    "bitfit": ("partial", {"bias_only": True}), "full": ("partial", {"modules": partial.ALL}),
 }
 
 

@@ -62,6 +62,26 @@ def pattern_key(patterns: Iterable[str], name: str) -> str | None:
     return None
 
 
+def block_names(model: nn.Module) -> list[str]:
+    """Full names of the model's repeated blocks (decoder or encoder layers), bottom to top.
+
+    The nn.ModuleList of one module type that holds the most parameters, e.g. Llama's
+    `model.layers.0`…`model.layers.N`, GPT-2's `transformer.h.*`, BERT's `bert.encoder.layer.*`.
+    Empty if the model has none (a CNN, a plain MLP).
+    """
+    skip = inside_wrapper(model)
+    best, best_size = [], 0
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.ModuleList) or not len(module) or name in skip:
+            continue
+        if len({type(unwrap(child)) for child in module}) != 1:
+            continue
+        size = sum(p.numel() for p in module.parameters())
+        if size > best_size:
+            best, best_size = [f"{name}.{i}" if name else str(i) for i in range(len(module))], size
+    return best
+
+
 def output_head_name(model: nn.Module) -> str | None:
     """Full name of the output head (tied to the vocabulary), which "all-linear" leaves alone."""
     get = getattr(model, "get_output_embeddings", None)

@@ -96,6 +96,10 @@ class WrappedLayer(AdapterSite):
         """The plain layer to put back in the model after `merge` (adapters already folded in)."""
         return self.base
 
+    def merges_into(self) -> set[str]:
+        """Names of the base layer's tensors that `merge` writes in place (a shared one is untied first)."""
+        return {"weight"} if any(n in self.active for n in self.adapter_names()) else set()
+
 
 class ModelSite(AdapterSite):
     """A site on the model itself (prompt and prefix tuning), registered as the child `attribute`.
