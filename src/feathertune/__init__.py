@@ -30,6 +30,7 @@ from feathertune.methods.bottleneck import BottleneckConfig
 from feathertune.methods.ia3 import IA3Config
 from feathertune.methods.llama_adapter import LlamaAdapterConfig
 from feathertune.methods.lora import LoraConfig
+from feathertune.methods.lora_combine import combine
 from feathertune.methods.partial import PartialConfig
 from feathertune.methods.prefix_tuning import PrefixTuningConfig
 from feathertune.methods.prompt_tuning import PromptTuningConfig
@@ -56,6 +57,7 @@ __all__ = [
     "TargetError",
     "UnsupportedAdapterError",
     "attach",
+    "combine",
     "delete_adapter",
     "disabled",
     "load_adapter",

@@ -131,6 +131,51 @@ def unmerged_weight(merged: torch.Tensor, updates: list[tuple[torch.Tensor, torc
     return (merged - offset) / slope.reshape(shape)
 
 
+# --- Combining LoRA adapters: ΔW = Σᵢ cᵢ·Bᵢ·Aᵢ, cᵢ = wᵢ·sᵢ, as one (A, B) at scale 1 -------------
+
+
+def lora_weighted_delta(As: list[torch.Tensor], Bs: list[torch.Tensor], coefs: list[float]) -> torch.Tensor:
+    """Σᵢ cᵢ·Bᵢ·Aᵢ as one weight of the base's (out, in, ...) shape (see lora_delta_weight)."""
+    return sum(lora_delta_weight(A, B, c) for A, B, c in zip(As, Bs, coefs))
+
+
+def lora_cat(As: list[torch.Tensor], Bs: list[torch.Tensor], coefs: list[float]) -> tuple[torch.Tensor, torch.Tensor]:
+    """A = [A₁; A₂; …] (rows), B = [c₁·B₁, c₂·B₂, …] (columns): B·A = Σᵢ cᵢ·Bᵢ·Aᵢ exactly, rank Σᵢ rᵢ.
+
+    A (Σr, in, ...), B (out, Σr, ...): the block product adds the adapters' updates, nothing else.
+    """
+    return torch.cat(list(As), dim=0), torch.cat([c * B for B, c in zip(Bs, coefs)], dim=1)
+
+
+def lora_linear_combination(As: list[torch.Tensor], Bs: list[torch.Tensor],
+                            coefs: list[float]) -> tuple[torch.Tensor, torch.Tensor]:
+    """A = Σᵢ cᵢ·Aᵢ / √|S|, B = sign(S)·Σᵢ cᵢ·Bᵢ / √|S| with S = Σᵢ cᵢ; every Aᵢ (r, ...), Bᵢ (out, r, ...).
+
+    B·A = (1/S)·Σᵢⱼ cᵢ·cⱼ·Bᵢ·Aⱼ, which equals Σᵢ cᵢ·Bᵢ·Aᵢ when all Aᵢ are equal or all Bᵢ are
+    (the sum over the shared factor is S), and otherwise carries the cross terms i ≠ j: an
+    approximation. S = 0 has no such factorisation; the caller refuses it.
+    """
+    total = sum(coefs)
+    root = math.sqrt(abs(total))
+    A = sum(c * A for A, c in zip(As, coefs)) / root
+    B = sum(c * B for B, c in zip(Bs, coefs)) * (math.copysign(1.0, total) / root)
+    return A, B
+
+
+def truncated_svd_factors(delta: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The best rank-k factors of a weight (out, in, ...): B = U_k·√Σ_k, A = √Σ_k·V_kᵀ, B·A ≈ ΔW.
+
+    Eckart–Young: ‖ΔW − B·A‖_F = √(Σ_{j>k} σⱼ²), the smallest of any rank-k matrix; exact when k ≥
+    rank(ΔW). √σ goes to both sides so A and B have the same norms. Conv kernels are flattened to
+    (out, in·kh·kw) and come back as A (k, in, kh, kw), B (out, k, 1, 1). Cost: one SVD of out × in.
+    """
+    U, S, Vh = torch.linalg.svd(delta.flatten(1), full_matrices=False)  # (out, m), (m,), (m, in·…)
+    root = S[:k].sqrt()
+    B = U[:, :k] * root[None, :]  # (out, k)
+    A = root[:, None] * Vh[:k]  # (k, in·…)
+    return A.reshape(k, *delta.shape[1:]), B.reshape(delta.shape[0], k, *[1] * (delta.dim() - 2))
+
+
 # --- (IA)³ (Liu et al. 2022): learned vectors that rescale activations -------------------------
 
 

@@ -100,8 +100,8 @@ def config_to_file(model: nn.Module, config: LoraConfig, name: str, adapted: lis
     r = Counter(p[0] for p in pairs.values()).most_common(1)[0][0] if pairs else config.r
     alpha = Counter(p[1] for p in pairs.values()).most_common(1)[0][0] if pairs else config.alpha
     # Explicit per-module entries, so the file does not depend on how patterns are interpreted.
-    rank_pattern = {_exact(m): p[0] for m, p in pairs.items() if p[0] != r}
-    alpha_pattern = {_exact(m): p[1] for m, p in pairs.items() if p[1] != alpha}
+    rank_pattern = {pattern_key_for(m): p[0] for m, p in pairs.items() if p[0] != r}
+    alpha_pattern = {pattern_key_for(m): p[1] for m, p in pairs.items() if p[1] != alpha}
     return {
         **file_layout.common_header(model, PEFT_TYPE, saved),
         "r": r,
@@ -126,7 +126,7 @@ def config_to_file(model: nn.Module, config: LoraConfig, name: str, adapted: lis
     }
 
 
-def _exact(module_name: str) -> str:
+def pattern_key_for(module_name: str) -> str:
     """A rank/alpha pattern key that matches this one module under PEFT's rule '(.*\\.)?(key)$'."""
     return "^" + module_name.replace(".", r"\.")
 
