@@ -1,4 +1,4 @@
-"""The `feathertune` command: train, eval, generate, chat, merge, inspect.
+"""The `feathertune` command: train, eval, generate, chat, merge, interpolate, inspect.
 
 Every subcommand is a thin shell over the Python API; errors that feathertune raises on purpose
 are printed as one clear message (exit status 2), never as a traceback. Commands that take a run
@@ -67,6 +67,9 @@ def _parser() -> argparse.ArgumentParser:
                         "(an embedded name, a model directory, a .gguf file or a hub id; needs --data)")
     p.add_argument("--data", help="data file (default: the run's validation file)")
     p.add_argument("--model", help="base model (default: from the run or the adapter)")
+    p.add_argument("--alpha", type=_alphas, metavar="A,B,…",
+                   help="WiSE-FT: score (1 − α)·base + α·fine-tuned for each α (e.g. 0,0.25,0.5,0.75,1) and "
+                        "plot the curve into the run directory")
     p.set_defaults(handler=_eval)
 
     p = sub.add_parser("generate", help="answer prompts with the base model or an adapter")
@@ -81,7 +84,7 @@ def _parser() -> argparse.ArgumentParser:
     p.set_defaults(handler=_chat)
 
     p = sub.add_parser("merge", help="fold an adapter into the base and write a full model directory "
-                                     "(mergeable methods: LoRA and its variants, (IA)³)")
+                                     "(mergeable methods: LoRA and its variants, (IA)³, partial and full)")
     p.add_argument("--adapter", required=True, help="adapter directory (or run directory)")
     p.add_argument("--out", required=True, help="where to write the merged model (transformers format)")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it already holds files")
@@ -90,6 +93,17 @@ def _parser() -> argparse.ArgumentParser:
                    help="for a QLoRA run: merge into the full-precision base (the exact export) instead "
                         "of rounding the merged weights back to NF4")
     p.set_defaults(handler=_merge)
+
+    p = sub.add_parser("interpolate", help="WiSE-FT: write (1 − α)·base + α·fine-tuned as a model directory",
+                       description="Interpolate the base and a run's fine-tune in every tensor (Wortsman et "
+                                   "al. 2022) and write a transformers model directory. Needs a mergeable "
+                                   "method: LoRA and its variants, (IA)³, partial or full fine-tuning.")
+    p.add_argument("run", metavar="RUN | ADAPTER", help="run directory or adapter directory")
+    p.add_argument("--alpha", type=float, required=True, help="0: the base, 1: the fine-tune, 0.5: halfway")
+    p.add_argument("--out", required=True, help="where to write the model (transformers format)")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it already holds files")
+    p.add_argument("--model", help="base model (default: from the run or the adapter)")
+    p.set_defaults(handler=_interpolate)
 
     p = sub.add_parser("inspect", help="what an adapter or run directory holds")
     p.add_argument("path", help="adapter directory or run directory")
@@ -258,32 +272,82 @@ def _eval(args) -> int:
                    "max_new_tokens": config.eval.max_new_tokens}
         if not args.data:
             options["data_format"] = config.data.validation_format
+    if args.alpha is not None and target.adapter is None:
+        raise ConfigError(f"--alpha interpolates a fine-tune with its base, and {args.run} is a base model alone; "
+                          f"give a run or adapter directory", source="eval")
     results = evaluate_run(target.model, target.adapter, data=data, quantize=target.quantize,
-                           label_names=target.labels, **options)
+                           label_names=target.labels, alphas=args.alpha, **options)
     print(json.dumps(results, indent=2))
+    if args.alpha is not None:
+        from feathertune.train.metrics import plot_interpolation
+
+        png = target.adapter.parent / f"wise_ft-{Path(data).stem}.png" if target.config else \
+            target.adapter / f"wise_ft-{Path(data).stem}.png"
+        plot_interpolation(results["interpolation"], png, title=f"WiSE-FT on {Path(data).name}")
+        print(f"curve written to {png}", file=sys.stderr)
     return 0
+
+
+def _alphas(text: str) -> list[float]:
+    try:
+        values = [float(a) for a in text.split(",") if a.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: give numbers separated by commas, e.g. 0,0.5,1") from None
+    if not values:
+        raise argparse.ArgumentTypeError("give at least one α, e.g. 0,0.5,1")
+    return values
+
+
+def _interpolate(args) -> int:
+    from feathertune.interpolation import interpolate
+    from feathertune.models import save_model_directory
+
+    _refuse_existing(Path(args.out), args.overwrite, "interpolate")
+    target = resolve_target(args.run, args.model)
+    model, tokenizer = _load(args.run, args.model, full_precision=True)
+    mixed = interpolate(model, args.alpha)
+    save_model_directory(mixed, tokenizer, args.out)
+    _check_reloads(Path(args.out), mixed, target.task)
+    print(f"interpolated model (α = {args.alpha:g}) written to {args.out} (load it with transformers' "
+          f"from_pretrained)")
+    return 0
+
+
+def _check_reloads(directory: Path, model, task: str) -> None:
+    """Load the written directory with transformers and compare logits: a tensor the architecture's
+    config cannot hold (BitFit's new biases on a bias-free model) would be dropped silently."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    from feathertune.models import transformers_bars_off
+
+    auto = AutoModelForSequenceClassification if task == "classification" else AutoModelForCausalLM
+    with transformers_bars_off():
+        reloaded = auto.from_pretrained(directory).to(next(model.parameters()).device).eval()
+    ids = torch.arange(1, 17, device=next(model.parameters()).device)[None] % model.config.vocab_size
+    with torch.no_grad():
+        gap = (reloaded(input_ids=ids).logits.float() - model.eval()(input_ids=ids).logits.float()).abs().max().item()
+    if gap > 1e-4:
+        raise ConfigError(f"{directory}: transformers reloads it with other outputs (logits differ by {gap:.3g}); "
+                          f"the fine-tune holds tensors this architecture's config does not load (e.g. BitFit's "
+                          f"new biases on a bias-free model). Keep the adapter attached instead", source="interpolate")
 
 
 def _merge(args) -> int:
     from feathertune.adapters import merge
-    from feathertune.files import atomic_directory
-    from feathertune.models import transformers_bars_off
+    from feathertune.models import save_model_directory
 
-    out = Path(args.out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.overwrite:
-        raise ConfigError(f"{out} already exists and is not empty; choose another --out, or pass --overwrite "
-                          f"to replace it", source="merge")
+    _refuse_existing(Path(args.out), args.overwrite, "merge")
     model, tokenizer = _load(args.adapter, args.model, full_precision=args.dequantize)
-    merged = merge(model)
-
-    def write(directory: Path) -> None:
-        with transformers_bars_off():
-            merged.save_pretrained(directory)
-        tokenizer.save_pretrained(directory)
-
-    atomic_directory(out, write)
-    print(f"merged model written to {out} (load it with transformers' from_pretrained)")
+    save_model_directory(merge(model), tokenizer, args.out)
+    print(f"merged model written to {args.out} (load it with transformers' from_pretrained)")
     return 0
+
+
+def _refuse_existing(out: Path, overwrite: bool, command: str) -> None:
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+        raise ConfigError(f"{out} already exists and is not empty; choose another --out, or pass --overwrite "
+                          f"to replace it", source=command)
 
 
 def _inspect(args) -> int:

@@ -171,6 +171,17 @@ def transformers_bars_off() -> Iterator[None]:
             hf_logging.enable_progress_bar()
 
 
+def save_model_directory(model: nn.Module, tokenizer, directory: str | os.PathLike) -> Path:
+    """Write a plain model and its tokenizer as a transformers directory (safetensors), atomically."""
+    def write(tmp: Path) -> None:
+        with transformers_bars_off():
+            model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+
+    atomic_directory(directory, write)
+    return Path(directory)
+
+
 def _offline_by_choice() -> bool:
     return any(os.environ.get(v, "").upper() in ("1", "ON", "YES", "TRUE")
                for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))

@@ -165,3 +165,25 @@ def plot_losses(metrics_path: str | os.PathLike, png_path: str | os.PathLike, ti
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png")
     write_atomic(png_path, buffer.getvalue())
+
+
+def plot_interpolation(points: list[dict], png_path: str | os.PathLike, title: str = "") -> None:
+    """WiSE-FT's curve: each score against α (0: the base, 1: the fine-tune), one panel per score."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    keys = [k for k in ("loss", "accuracy", "bleu", "chrf", "exact_match")
+            if any(isinstance(p.get(k), (int, float)) for p in points)]
+    figure = Figure(figsize=(4 * max(1, len(keys)), 3.6), dpi=120, layout="constrained")
+    FigureCanvasAgg(figure)
+    for i, key in enumerate(keys):
+        ax = figure.add_subplot(1, len(keys), i + 1)
+        xs, ys = zip(*[(p["alpha"], p[key]) for p in points if isinstance(p.get(key), (int, float))])
+        ax.plot(xs, ys, marker="o", color=f"C{i}")
+        ax.set_xlabel("α  (0 = base, 1 = fine-tuned)")
+        ax.set_ylabel(key)
+        ax.grid(True, alpha=0.3)
+    figure.suptitle(title or "WiSE-FT: (1 − α)·base + α·fine-tuned")
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png")
+    write_atomic(png_path, buffer.getvalue())

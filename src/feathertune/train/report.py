@@ -139,17 +139,18 @@ def _batches(data, pad_id: int, batch_size: int, device: torch.device | str = "c
 
 def evaluate_run(model_name: str, adapter: Path | None, *, data: str, data_format: str = "auto",
                  max_length: int = 512, label_names: list[str] | None = None, quantize: str | None = None,
-                 batch_size: int = 16, max_new_tokens: int = 64) -> dict:
+                 batch_size: int = 16, max_new_tokens: int = 64, alphas: list[float] | None = None) -> dict:
     """`feathertune eval`: the loss, and accuracy (classification) or BLEU, chrF and exact match
     (chat), of a base model with or without an adapter on a data file.
 
     Args:
         label_names: classification labels in the order the adapter's head was trained with; left
             out, the data file's labels, sorted.
+        alphas: WiSE-FT: score the interpolation (1 − α)·base + α·fine-tune for each α instead
+            (results["interpolation"], one entry per α).
     """
     from feathertune.data import read_examples, tokenize_examples
     from feathertune.models import load_model
-    from feathertune.train.loop import _validation_loss
 
     examples = read_examples(data, data_format, label_names=label_names)
     task = "classification" if examples.kind == "classification" else "causal_lm"
@@ -158,8 +159,23 @@ def evaluate_run(model_name: str, adapter: Path | None, *, data: str, data_forma
         load_adapter(model, adapter)
     tokens = tokenize_examples(examples, tokenizer, max_length)
     results = {"model": model_name, "adapter": str(adapter) if adapter else None, "data": str(data),
-               "examples": len(examples.items),
-               "loss": _validation_loss(model, tokens, tokenizer.pad_token_id, task, batch_size)}
+               "examples": len(examples.items)}
+    score = lambda m: _scores(m, tokenizer, examples, tokens, task, batch_size, max_new_tokens)  # noqa: E731
+    if alphas is None:
+        return {**results, **score(model)}
+    from feathertune.interpolation import interpolate
+
+    results["interpolation"] = []
+    for alpha in alphas:
+        print(f"α = {alpha:g}: interpolating and scoring …", file=sys.stderr)
+        results["interpolation"].append({"alpha": alpha, **score(interpolate(model, alpha))})
+    return results
+
+
+def _scores(model, tokenizer, examples, tokens, task: str, batch_size: int, max_new_tokens: int) -> dict:
+    from feathertune.train.loop import _validation_loss
+
+    results = {"loss": _validation_loss(model, tokens, tokenizer.pad_token_id, task, batch_size)}
     if task == "classification":
         results["accuracy"] = evaluate.accuracy(model, _batches(tokens, tokenizer.pad_token_id, batch_size))
     elif examples.kind == "chat":
