@@ -102,6 +102,9 @@ class LoopConfig:
     checkpoint_every: int = 50  # steps between resumable checkpoints; 0: none
     keep_checkpoints: int = 2  # newest checkpoints kept on disk
     log_every: int = 1  # steps between metrics.jsonl lines
+    # LP-FT (Kumar et al. 2022): the first N steps train only the new task head (a linear probe), so that
+    # the method's parameters then start from a good head instead of being pulled about by a random one.
+    lp_steps: int = 0
 
     def problems(self) -> list[str]:
         found = []
@@ -111,7 +114,7 @@ class LoopConfig:
             found += positive_int("train.max_steps", self.max_steps)
         for key in ("batch_size", "grad_accum", "keep_checkpoints", "log_every"):
             found += positive_int(f"train.{key}", getattr(self, key))
-        for key in ("warmup_steps", "eval_every", "checkpoint_every", "seed"):
+        for key in ("warmup_steps", "eval_every", "checkpoint_every", "seed", "lp_steps"):
             found += _non_negative_int(f"train.{key}", getattr(self, key))
         if not isinstance(self.lr, (int, float)) or isinstance(self.lr, bool) or not 0 < self.lr < 1:
             found.append(f"train.lr={self.lr!r} must be a number in (0, 1) (typical for LoRA: 1e-4 to 2e-3)")

@@ -24,15 +24,25 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from feathertune.adapters import attach, disabled, trainable_parameters
+from feathertune.adapters import (
+    adapter_parameters,
+    attach,
+    disabled,
+    merge,
+    saved_module_names,
+    trainable_parameters,
+)
 from feathertune.checkpoint import save_adapter
 from feathertune.data import Tokenized, batch_indices, collate, read_examples, tokenize_examples
 from feathertune.errors import ConfigError, FeathertuneError
 from feathertune.files import write_atomic
-from feathertune.models import load_model
+from feathertune.models import load_model, save_model_directory
 from feathertune.train import distributed, state
 from feathertune.train.config import TrainConfig, load_config, resume_changes
 from feathertune.train.metrics import MetricsLog, plot_losses
+
+
+FULL = "full"  # the method whose run also writes a plain model directory
 
 
 class TrainingDiverged(FeathertuneError):
@@ -77,7 +87,7 @@ def run(config: TrainConfig, *, resume: bool = False, log=print) -> RunResult:
 def _run(config: TrainConfig, resume: bool, procs: distributed.Processes, say) -> RunResult:
     # 1. Everything that can be checked without training, before anything is written.
     train_set, val_set = _read_data(config.data)
-    task = _task(config.task, train_set, val_set)
+    task = _task(config.task, train_set, val_set, config.train.lp_steps)
     config = _resolved(config, task, train_set)
     out, loop = Path(config.output), config.train
     existing = _check_output(out, resume)
@@ -114,7 +124,8 @@ def _run(config: TrainConfig, resume: bool, procs: distributed.Processes, say) -
     metrics = _open_run_directory(out, config, start if resume else None, procs)
     if base_loss is not None and metrics is not None:
         metrics.write({"step": 0, "eval_loss": base_loss})  # the curve's starting point in loss.png
-    wrapped = _ddp(model, procs)
+    wrapped = _ddp(model, procs, find_unused=loop.lp_steps > 0)  # the probe steps leave the rest without grads
+    probe = LinearProbe(model, loop.lp_steps)
 
     # 4. Train.
     progress = _progress(procs, start, total_steps)
@@ -129,6 +140,7 @@ def _run(config: TrainConfig, resume: bool, procs: distributed.Processes, say) -
             epoch_cache = {epoch: batch_indices(train_tok.lengths, global_batch, seed=loop.seed, epoch=epoch,
                                                 shuffle=loop.shuffle, group_by_length=loop.group_by_length)}
         batch = epoch_cache[epoch][index % len(epoch_cache[epoch])]
+        probe.before_step(step)
         loss_sum, count, tokens = _train_step(wrapped, model, train_tok, batch, pad_id, task, loop, procs)
         loss_sum, count, tokens = distributed.sum_across(procs, [loss_sum, count, tokens])
         loss = loss_sum / max(count, 1)
@@ -177,6 +189,9 @@ def _run(config: TrainConfig, resume: bool, procs: distributed.Processes, say) -
             metrics.write({"step": total_steps, "eval_loss": result_metrics["eval_loss"]})
         metrics.close()
         plot_losses(out / "metrics.jsonl", out / "loss.png", title=f"{config.model} + {config.method}")
+        if config.method == FULL:  # what people deploy a full fine-tune as: a plain model directory
+            save_model_directory(merge(model), tokenizer, out / "model")
+            say(f"full model written to {out / 'model'} (transformers' from_pretrained loads it)")
     distributed.barrier(procs)
     return RunResult(output=out, adapter=adapter_dir, steps=total_steps, metrics=result_metrics)
 
@@ -194,7 +209,7 @@ def _read_data(data_cfg):
     return train_set, val_set
 
 
-def _task(task: str, train_set, val_set) -> str:
+def _task(task: str, train_set, val_set, lp_steps: int = 0) -> str:
     """The run's task from the config and the training data; refuses data that does not fit it."""
     classifying = train_set.kind == "classification"
     problems = []
@@ -205,6 +220,9 @@ def _task(task: str, train_set, val_set) -> str:
         problems.append(f"the validation file {val_set.path} holds {val_set.kind} examples (format "
                         f"{val_set.format}), but the training file {train_set.path} holds {train_set.kind} "
                         f"examples; validate on data of the training data's kind")
+    if lp_steps and not classifying:
+        problems.append(f"train.lp_steps={lp_steps} trains a new task head first (LP-FT), and a causal LM has "
+                        f"none: the training data {train_set.path} is {train_set.kind}; set train.lp_steps=0")
     if classifying and len(train_set.label_names) < 2:
         problems.append(f"every example of {train_set.path} has the label {train_set.label_names[0]!r}; a "
                         f"classifier needs at least two (list them all in data.labels if some are missing)")
@@ -297,7 +315,40 @@ def _prepare_model(config: TrainConfig, task: str, procs: distributed.Processes,
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     trainable, total = trainable_parameters(model)
     say(f"{config.method}: training {trainable:,} of {total:,} parameters ({100 * trainable / total:.2f}%)")
+    if trainable > total // 4:
+        say(_size_warning(config, model, trainable))
     return model, tokenizer
+
+
+def _size_warning(config: TrainConfig, model: nn.Module, trainable: int) -> str:
+    """What training this many parameters costs in memory and on disk (said before it starts)."""
+    size = next(p for p in model.parameters() if p.requires_grad).element_size()
+    gib = trainable * size * 4 / 2**30  # the trained copy, its gradient and AdamW's two moments
+    files = 2 if config.method == FULL else 1  # adapter/ (+ model/)
+    return (f"warning: {config.method} trains {trainable:,} parameters: about {gib:.1f} GiB for them, their "
+            f"gradients and AdamW's state, beside the frozen base; each checkpoint holds about {2 * gib:.1f} "
+            f"GiB and the run directory about {files * trainable * size / 2**30:.1f} GiB more. LoRA (method: "
+            f"lora) trains ~1% of that.")
+
+
+class LinearProbe:
+    """LP-FT (Kumar et al. 2022, "Fine-Tuning can Distort Pretrained Features and Underperform
+    Out-of-Distribution"): before step `steps`, only the task head (the modules_to_save) trains."""
+
+    def __init__(self, model: nn.Module, steps: int):
+        self.steps = steps
+        head = {id(p) for n in saved_module_names(model, "default")
+                for p in model.get_submodule(n).adapter_parameters("default")}
+        self.rest = [p for p in adapter_parameters(model, "default") if id(p) not in head]
+        if steps and not head:
+            raise ConfigError(f"train.lp_steps={steps}: this run has no task head to probe with first; set "
+                              f"train.lp_steps=0", source="train.lp_steps")
+
+    def before_step(self, step: int) -> None:
+        """Freeze the rest for the probe's steps, then let it train (a resumed run lands in either)."""
+        if self.steps:
+            for param in self.rest:
+                param.requires_grad_(step >= self.steps)
 
 
 def _tokenize(name: str, examples, tokenizer, max_length: int, say) -> Tokenized:
@@ -468,13 +519,13 @@ def _schedule(name: str, warmup: int, total: int):
     return factor
 
 
-def _ddp(model: nn.Module, procs: distributed.Processes):
+def _ddp(model: nn.Module, procs: distributed.Processes, find_unused: bool = False):
     if not procs.distributed:
         return model
     from torch.nn.parallel import DistributedDataParallel
 
     ids = [procs.device.index] if procs.device.type == "cuda" else None
-    return DistributedDataParallel(model, device_ids=ids)
+    return DistributedDataParallel(model, device_ids=ids, find_unused_parameters=find_unused)
 
 
 def _autocast(precision: str, device: torch.device):
