@@ -133,8 +133,11 @@ def _progress(batches: list, desc: str):
 
 
 def _batches(data, pad_id: int, batch_size: int, device: torch.device | str = "cpu"):
-    return [{k: v.to(device) for k, v in collate(data.rows[i:i + batch_size], pad_id).items()}
-            for i in range(0, len(data.rows), batch_size)]
+    """Batches of similar lengths (accuracy does not depend on the order): far less padding to run."""
+    order = sorted(range(len(data.rows)), key=lambda i: data.lengths[i])
+    return [{k: v.to(device) for k, v in collate([data.rows[i] for i in order[start:start + batch_size]],
+                                                  pad_id).items()}
+            for start in range(0, len(order), batch_size)]
 
 
 def evaluate_run(model_name: str, adapter: Path | None, *, data: str, data_format: str = "auto",
