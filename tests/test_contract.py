@@ -40,6 +40,11 @@ def lora(**settings):
                                   **settings})
 
 
+def reft(variant):
+    return lambda kind: ("reft", {"kind": variant, "r": 2, "positions": "f2+l2",
+                                  **({"modules_to_save": ["classifier"]} if kind == "bert" else {})})
+
+
 # method -> (kind -> (registry name, config values)), zero-initialised?, kinds it runs on
 METHODS = {
     "lora": (lora(), True, KINDS),
@@ -61,6 +66,10 @@ METHODS = {
     "partial_named": (lambda kind: ("partial", {"modules": PARTIAL_MODULES[kind]}), True, KINDS),
     "bitfit": (lambda kind: ("partial", {"bias_only": True}), True, KINDS),
     "full": (lambda kind: ("partial", {"modules": "all"}), True, KINDS),
+    # ReFT: random R, W, b edit the first and last two tokens at every block from step 0 (BERT's head
+    # saved too, as for ia3: the edits alone move its tiny logits by ~2e-3).
+    "loreft": (reft("loreft"), False, ("llama", "gpt2", "bert")),
+    "direft": (reft("direft"), False, ("llama", "gpt2", "bert")),
 }
 NOT_LLAMA = ("LLaMA-Adapter needs Llama-style attention (rotary q/k/v/o); other architectures are refused "
              "by name (tests/test_llama_adapter.py)")
@@ -389,7 +398,9 @@ def test_greedy_generate_with_the_kv_cache_equals_recomputing_each_step(method, 
                              do_sample=False, use_cache=True, pad_token_id=0)
         ids = prompt
         for _ in range(out.shape[1] - prompt.shape[1]):
-            ids = torch.cat([ids, model(input_ids=ids).logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+            # prompt_lengths: ReFT edits the prompt only, as generate's prefill does (the rest ignore it)
+            logits = model(input_ids=ids, prompt_lengths=torch.tensor([prompt.shape[1]])).logits
+            ids = torch.cat([ids, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
     assert out.shape[1] > prompt.shape[1]
     assert torch.equal(out, ids), (out, ids)
 

@@ -5,7 +5,7 @@
     ft.save_adapter(model, "out/adapter")   # PEFT's file format
 
 One config class per method (LoraConfig, IA3Config, BottleneckConfig, PromptTuningConfig,
-PrefixTuningConfig, LlamaAdapterConfig, PartialConfig); `attach`, `save_adapter` and the rest take any of them.
+PrefixTuningConfig, LlamaAdapterConfig, PartialConfig, ReftConfig); `attach`, `save_adapter` and the rest take any of them.
 """
 
 from feathertune.adapters import (
@@ -34,6 +34,7 @@ from feathertune.methods.lora_combine import combine
 from feathertune.methods.partial import PartialConfig
 from feathertune.methods.prefix_tuning import PrefixTuningConfig
 from feathertune.methods.prompt_tuning import PromptTuningConfig
+from feathertune.methods.reft import ReftConfig
 from feathertune.models import load_model
 from feathertune.quant import quantize
 from feathertune.train.config import TrainConfig, load_config
@@ -53,6 +54,7 @@ __all__ = [
     "PartialConfig",
     "PrefixTuningConfig",
     "PromptTuningConfig",
+    "ReftConfig",
     "TrainConfig",
     "TargetError",
     "UnsupportedAdapterError",

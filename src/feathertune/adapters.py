@@ -297,9 +297,11 @@ def _forget(model: nn.Module) -> None:
 def _before_forward(model: nn.Module, args: tuple, kwargs: dict):
     """Forward pre-hook: fill the shared context, then let model-level sites rewrite the inputs.
 
-    `model(..., adapter_names=[...])` runs one adapter per row of the batch.
+    `model(..., adapter_names=[...])` runs one adapter per row of the batch; `prompt_lengths=` (B,)
+    says how many of each row's real tokens are the prompt (ReFT edits prompt positions only).
     """
     names = kwargs.pop("adapter_names", None)
+    prompt_lengths = kwargs.pop("prompt_lengths", None)
     state = adapter_state(model)
     context = state.context
     if names is not None:
@@ -310,6 +312,7 @@ def _before_forward(model: nn.Module, args: tuple, kwargs: dict):
         args, kwargs = (), dict(bound.arguments)
         kwargs.update(kwargs.pop("kwargs", {}))
     context.adapter_names = None if names is None else list(names)  # reset after a mixed batch too
+    context.prompt_lengths = prompt_lengths  # None when not given: every real token is the prompt
     context.attention_mask = kwargs.get("attention_mask")
     cache = cache_argument(kwargs)
     context.past_length = int(cache.get_seq_length()) if hasattr(cache, "get_seq_length") else 0

@@ -322,3 +322,39 @@ def prefix_key_values(prefix: torch.Tensor, num_layers: int, num_heads: int,
     n = prefix.shape[0]
     kv = prefix.reshape(n, 2 * num_layers, num_heads, head_dim).permute(1, 2, 0, 3)  # (2L, H, n, d_h)
     return [(kv[2 * layer], kv[2 * layer + 1]) for layer in range(num_layers)]
+
+
+# --- ReFT (Wu et al. 2024): low-rank edits of the residual stream at a few prompt positions ------
+
+
+def loreft_update(h: torch.Tensor, R: torch.Tensor, W: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Rᵀ(W·h + b − R·h): what LoReFT adds to a hidden state h (eq. 2), Φ(h) = h + this.
+
+    In the r-dimensional subspace spanned by R's orthonormal rows, h's coordinates R·h are replaced
+    by W·h + b; outside it h is left alone. h (..., d), R (r, d), W (r, d), b (r,) -> (..., d);
+    3·d·r multiply-adds a token.
+    """
+    return F.linear(F.linear(h, W, b) - F.linear(h, R), R.T)  # (..., r) -> (..., d)
+
+
+def direft_update(h: torch.Tensor, R: torch.Tensor, W: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Rᵀ(W·h + b): DiReFT's edit, LoReFT without the orthogonality of R and without the −R·h.
+
+    h (..., d), R (r, d) unconstrained, W (r, d), b (r,) -> (..., d); 2·d·r multiply-adds a token.
+    """
+    return F.linear(F.linear(h, W, b), R.T)
+
+
+def reft_windows(real: torch.Tensor, prompt_lengths: torch.Tensor, first: int,
+                 last: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first `first` and the last `last` prompt tokens of each row, as two (B, T) bool masks.
+
+    real (B, T) bool marks the real tokens (the attention mask: padding on either side, or both);
+    a row's prompt is its first prompt_lengths[b] real tokens, clipped to the real ones. Each window
+    is clipped to the prompt: a prompt shorter than a window lies wholly in it, and the two windows
+    overlap when the prompt is shorter than first + last.
+    """
+    rank = real.long().cumsum(-1) - 1  # (B, T): each real token's index among its row's real tokens
+    length = torch.minimum(prompt_lengths.to(rank.device, rank.dtype), real.sum(-1)).unsqueeze(-1)  # (B, 1)
+    prompt = real & (rank < length)
+    return prompt & (rank < first), prompt & (rank >= length - last)

@@ -17,7 +17,7 @@ from torch import nn
 from feathertune.config import MethodConfig
 from feathertune.errors import ConfigError
 from feathertune.file_layout import FilePlan
-from feathertune.methods import bottleneck, ia3, llama_adapter, lora_peft, partial, prefix_tuning, prompt_tuning
+from feathertune.methods import bottleneck, ia3, llama_adapter, lora_peft, partial, prefix_tuning, prompt_tuning, reft
 from feathertune.methods.lora import LoraConfig, attach_lora
 
 
@@ -68,6 +68,9 @@ METHODS: dict[str, MethodSpec] = {
     "partial": MethodSpec("partial", partial.PartialConfig, partial.attach_partial, peft_type=partial.PEFT_TYPE,
                           mergeable=True, config_to_file=partial.config_to_file,
                           config_from_file=partial.config_from_file, plan_from_file=partial.plan_from_file),
+    "reft": MethodSpec("reft", reft.ReftConfig, reft.attach_reft, peft_type=reft.PEFT_TYPE, mergeable=False,
+                       config_to_file=reft.config_to_file, config_from_file=reft.config_from_file,
+                       plan_from_file=reft.plan_from_file, mixed_batch=True),
 }
 
 

@@ -34,6 +34,9 @@ class ForwardContext:
     attention_mask: torch.Tensor | None = None  # (B, T) as the caller gave it, before any prompt
     decoding: bool = False  # a cached decode step: the KV cache already holds the prompt and prefix
     past_length: int = 0  # tokens already in the KV cache (virtual ones included)
+    # `model(..., prompt_lengths=...)`: (B,) per row, how many of its real tokens (attention mask 1)
+    # are the prompt, the rest being the answer; None: all real tokens of this forward (ReFT's positions)
+    prompt_lengths: torch.Tensor | None = None
 
 
 class AdapterSite(nn.Module):

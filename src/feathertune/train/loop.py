@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from feathertune.adapters import (
+    STATE,
     adapter_parameters,
     attach,
     disabled,
@@ -453,6 +454,8 @@ def _loss_sum(model, inputs: dict[str, torch.Tensor], task: str) -> torch.Tensor
     length = labels.shape[1]
     keep = _logits_needed(labels)
     kwargs = {"logits_to_keep": keep} if keep < length and _accepts_logits_to_keep(model) else {}
+    if STATE in getattr(model, "module", model).__dict__:  # feathertune's pre-hook takes it; a plain model would not
+        kwargs["prompt_lengths"] = _prompt_lengths(labels, inputs["attention_mask"])
     # Only positions that predict a supervised token need the vocabulary-sized output head: with
     # prompts masked, that skips most of its cost (and its largest activations).
     logits = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], **kwargs).logits
@@ -461,6 +464,14 @@ def _loss_sum(model, inputs: dict[str, torch.Tensor], task: str) -> torch.Tensor
     logits = logits[:, :-1]  # the last position predicts nothing
     return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1),
                            ignore_index=-100, reduction="sum")
+
+
+def _prompt_lengths(labels: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """(B,) per row, its real tokens before the first supervised one: the prompt, where ReFT edits.
+    A row supervised from its first token (text data) has no prompt of its own: all of it counts."""
+    real = attention_mask.bool()
+    before = (real & ((labels != -100) & real).cumsum(-1).eq(0)).sum(-1)
+    return torch.where(before > 0, before, real.sum(-1))
 
 
 def _logits_needed(labels: torch.Tensor) -> int:
