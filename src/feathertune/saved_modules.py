@@ -15,7 +15,7 @@ from torch import nn
 from feathertune.errors import TargetError
 from feathertune.file_layout import PREFIX
 from feathertune.targeting import name_matches
-from feathertune.wrapping import WrappedLayer, inside_wrapper, replace_module
+from feathertune.wrapping import WrappedLayer, inside_wrapper, site_at
 
 
 class ModulesToSave(WrappedLayer):
@@ -103,9 +103,6 @@ def attach_saved_modules(model: nn.Module, names: list[str], adapter: str, stric
         raise TargetError(f"modules_to_save={missing!r} matched no module{hint}; top-level modules are "
                           f"{', '.join(children)}", source="modules_to_save")
     for name in hits:
-        module = model.get_submodule(name)
-        if not isinstance(module, ModulesToSave):
-            module = ModulesToSave(module)
-            replace_module(model, name, module)
+        module = site_at(model, name, ModulesToSave)
         module.add_adapter(adapter)
     return hits

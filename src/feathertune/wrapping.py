@@ -158,6 +158,18 @@ def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
+def site_at(model: nn.Module, path: str, kind: type[WrappedLayer], make=None) -> WrappedLayer:
+    """The `kind` site at `path`: the module there if it already is one, else a new `kind` (built by
+    `make(module)` if given) wrapping it, put in its place in the module's train/eval mode."""
+    module = model.get_submodule(path)
+    if isinstance(module, kind):
+        return module
+    site = (make or kind)(module)
+    site.train(module.training)
+    replace_module(model, path, site)
+    return site
+
+
 def inside_wrapper(model: nn.Module) -> set[str]:
     """Names of modules that live inside a site (wrapped originals, their children, site parts)."""
     names = set()

@@ -33,7 +33,7 @@ from feathertune.errors import ConfigError, TargetError
 from feathertune.file_layout import PREFIX, FilePlan
 from feathertune.saved_modules import ModulesToSave
 from feathertune.targeting import find_targets, hf_conv1d_class
-from feathertune.wrapping import WrappedLayer, replace_module
+from feathertune.wrapping import WrappedLayer, site_at
 
 PEFT_TYPE = "BOTTLENECK"
 STYLES = ("houlsby", "pfeiffer")
@@ -225,10 +225,7 @@ def attach_bottleneck(model: nn.Module, config: BottleneckConfig, name: str, *, 
                                       exclude=list(config.modules_to_save) + saved, supported=_supported,
                                       supported_names=SUPPORTED), {}
     for target in targets:
-        module = model.get_submodule(target)
-        if not isinstance(module, BottleneckLayer):
-            module = BottleneckLayer(module)
-            replace_module(model, target, module)
+        module = site_at(model, target, BottleneckLayer)
         module.add_adapter(name, sizes.get(target, config.width(module.width())), config.non_linearity, init=init)
     return targets
 

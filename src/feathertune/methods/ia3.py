@@ -31,7 +31,7 @@ from feathertune.errors import ConfigError, TargetError
 from feathertune.file_layout import PREFIX, FilePlan
 from feathertune.saved_modules import ModulesToSave
 from feathertune.targeting import find_targets, hf_conv1d_class
-from feathertune.wrapping import WrappedLayer, replace_module
+from feathertune.wrapping import WrappedLayer, site_at
 
 PEFT_TYPE = "IA3"
 SUFFIX = "ia3_l"
@@ -283,10 +283,7 @@ def attach_ia3(model: nn.Module, config: IA3Config, name: str, *, init: bool = T
         if problems:
             raise ConfigError(problems, source="IA3Config on this model")
     for target in targets:
-        module = model.get_submodule(target)
-        if not isinstance(module, IA3Layer):
-            module = IA3Layer(module)
-            replace_module(model, target, module)
+        module = site_at(model, target, IA3Layer)
         module.add_adapter(name, is_feedforward(target, feedforward), random=init and not config.init_ia3_weights)
     return targets
 

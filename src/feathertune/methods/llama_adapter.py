@@ -29,7 +29,7 @@ from feathertune import functional as fn
 from feathertune.config import MethodConfig, positive_int
 from feathertune.errors import ConfigError
 from feathertune.file_layout import PREFIX, FilePlan
-from feathertune.wrapping import WrappedLayer, replace_module, unwrap
+from feathertune.wrapping import WrappedLayer, site_at, unwrap
 
 PEFT_TYPE = "ADAPTION_PROMPT"
 # model.config.model_type values whose attention is Llama's: q/k/v/o projections, rotary
@@ -222,10 +222,7 @@ def attach_llama_adapter(model: nn.Module, config: LlamaAdapterConfig, name: str
     """
     targets = plan.targets if plan is not None else attention_targets(model, config)
     for target in targets:
-        module = model.get_submodule(target)
-        if not isinstance(module, AdaptedAttention):
-            module = AdaptedAttention(module)
-            replace_module(model, target, module)
+        module = site_at(model, target, AdaptedAttention)
         module.add_adapter(name, config.adapter_len, init=init)
     return targets
 
@@ -257,10 +254,8 @@ def plan_from_file(model: nn.Module, tensors: dict[str, torch.Tensor], config: L
     """The file's attention layers, which must be the top `adapter_layers` ones (where PEFT puts them)."""
     _, plan = file_layout.group_by_module(model, tensors, tuple(SUFFIXES.values()), [], where)
     expected = attention_targets(model, config)
-    if plan.targets != expected:
-        lines = [f"{PREFIX}{t}.*: in the file, but not among the top {len(expected)} attention layers"
-                 for t in plan.targets if t not in expected]
-        lines += [f"{PREFIX}{t}.*: adapter_layers={config.adapter_layers} puts prompts here, the file has none"
-                  for t in expected if t not in plan.targets]
-        raise file_layout.mismatch(f"{where}: the adaption prompts are not on the layers the config names:", lines)
+    file_layout.check_targets(plan.targets, expected, where,
+                              "the adaption prompts are not on the layers the config names:",
+                              unexpected=f"in the file, but not among the top {len(expected)} attention layers",
+                              absent=f"adapter_layers={config.adapter_layers} puts prompts here, the file has none")
     return plan

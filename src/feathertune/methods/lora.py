@@ -31,7 +31,7 @@ from feathertune.errors import ConfigError
 from feathertune.file_layout import PREFIX, FilePlan
 from feathertune.saved_modules import ModulesToSave
 from feathertune.targeting import find_targets, hf_conv1d_class, pattern_key
-from feathertune.wrapping import WrappedLayer, replace_module
+from feathertune.wrapping import WrappedLayer, site_at
 
 INITS = ("default", "gaussian", "pissa")
 BIASES = ("none", "lora_only")
@@ -498,10 +498,7 @@ def attach_lora(model: nn.Module, config: LoraConfig, name: str, *, init: bool =
     if problems:
         raise ConfigError(problems, source="LoraConfig on this model")
     for target in targets:
-        module = model.get_submodule(target)
-        if not isinstance(module, LoraLayer):
-            module = _layer_class(module)(module)
-            replace_module(model, target, module)
+        module = site_at(model, target, LoraLayer, make=lambda m: _layer_class(m)(m))
         r, alpha = config.rank_and_alpha(target)
         r = ranks.get(target, r)
         module.add_adapter(name, r, alpha, config, init=init)

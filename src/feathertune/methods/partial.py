@@ -45,7 +45,7 @@ from feathertune.errors import ConfigError, TargetError
 from feathertune.file_layout import PREFIX, FilePlan
 from feathertune.saved_modules import ModulesToSave
 from feathertune.targeting import block_names, hf_conv1d_class, name_matches, output_head_name
-from feathertune.wrapping import WrappedLayer, inside_wrapper, replace_module
+from feathertune.wrapping import WrappedLayer, inside_wrapper, site_at
 
 PEFT_TYPE = "PARTIAL"
 ALL = "all"  # modules: every module of the model (full fine-tuning)
@@ -326,11 +326,7 @@ def attach_partial(model: nn.Module, config: PartialConfig, name: str, *, init: 
     chosen = {t: plan.sizes[t] for t in plan.targets} if plan is not None else chosen_tensors(model, config)
     copies: dict[int, nn.Parameter] = {}  # shared by every module, so tied tensors share one copy
     for path, tensor_names in chosen.items():
-        module = model.get_submodule(path)
-        if not isinstance(module, PartialLayer):
-            module = PartialLayer(module)
-            module.train(module.base.training)
-            replace_module(model, path, module)
+        module = site_at(model, path, PartialLayer)
         module.add_adapter(name, tensor_names, copies)
     return list(chosen)
 
