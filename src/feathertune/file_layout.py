@@ -75,6 +75,21 @@ def group_by_module(model: nn.Module, tensors: dict[str, torch.Tensor], suffixes
     return by_path, plan
 
 
+def check_targets(found: list[str], expected: list[str], where: str, header: str, *, unexpected: str,
+                  absent: str) -> None:
+    """Refuse a file whose adapted modules are not the ones its own config names on this model.
+
+    Raises:
+        AdapterMismatchError: listing each module in the file but not named (`unexpected`), and each
+            named but not in the file (`absent`).
+    """
+    if found == expected:
+        return
+    lines = [f"{PREFIX}{t}.*: {unexpected}" for t in found if t not in expected]
+    lines += [f"{PREFIX}{t}.*: {absent}" for t in expected if t not in found]
+    raise mismatch(f"{where}: {header}", lines)
+
+
 def saved_owner(rest: str, modules: dict[str, nn.Module], modules_to_save: list[str]) -> str | None:
     """The modules_to_save module a key like 'classifier.dense.weight' belongs to, if any."""
     parts = rest.split(".")

@@ -53,7 +53,7 @@ from feathertune.config import MethodConfig, names_problem, positive_int
 from feathertune.errors import ConfigError, TargetError
 from feathertune.file_layout import PREFIX, FilePlan
 from feathertune.targeting import block_names
-from feathertune.wrapping import WrappedLayer, replace_module
+from feathertune.wrapping import WrappedLayer, site_at
 
 PEFT_TYPE = "REFT"
 KINDS = ("loreft", "direft")
@@ -345,10 +345,7 @@ def attach_reft(model: nn.Module, config: ReftConfig, name: str, *, init: bool =
         raise ConfigError(f"r={config.r} is more than the residual stream's width d={d}: the edited subspace has "
                           f"at most d dimensions; use r ≤ {d}", source="ReftConfig on this model")
     for target in targets:
-        block = model.get_submodule(target)
-        if not isinstance(block, ReftBlock):
-            block = ReftBlock(block)
-            replace_module(model, target, block)
+        block = site_at(model, target, ReftBlock)
         block.add_adapter(name, config, d)
     return targets
 
@@ -381,11 +378,8 @@ def plan_from_file(model: nn.Module, tensors: dict[str, torch.Tensor], config: R
                    where: str) -> FilePlan:
     """The file's blocks, which must be the ones its `layers` name on this model."""
     _, plan = file_layout.group_by_module(model, tensors, SUFFIXES, config.modules_to_save, where)
-    expected = chosen_blocks(model, config)
-    if plan.targets != expected:
-        lines = [f"{PREFIX}{t}.reft.*: in the file, but layers={config.layers} does not name this block"
-                 for t in plan.targets if t not in expected]
-        lines += [f"{PREFIX}{t}.reft.*: layers={config.layers} names this block, the file has no tensors for it"
-                  for t in expected if t not in plan.targets]
-        raise file_layout.mismatch(f"{where}: the ReFT tensors are not on the blocks the config names:", lines)
+    file_layout.check_targets(plan.targets, chosen_blocks(model, config), where,
+                              "the ReFT tensors are not on the blocks the config names:",
+                              unexpected=f"in the file, but layers={config.layers} does not name this block",
+                              absent=f"layers={config.layers} names this block, the file has no tensors for it")
     return plan
