@@ -1,5 +1,5 @@
-"""The README's table of methods, measured: trainable share on SmolLM2-135M-Instruct with each
-E2E recipe's settings, and what each method supports, read from the registry and checked live.
+"""The README's table of methods, measured: trainable share of SmolLM2-135M-Instruct's parameters with
+each E2E recipe's settings, and what each method supports, read from the registry and checked live.
 
     .venv/bin/python bench/method_table.py
 
@@ -34,6 +34,7 @@ def main() -> None:
     base, tokenizer = ft.load_model("smollm2-135m-instruct")
     tokenizer.padding_side = "left"  # generation continues each row from its last token
     ids = tokenizer(["Hello there", "Name a colour"], return_tensors="pt", padding=True)
+    base_total = sum(p.numel() for p in base.parameters())  # the share is of the base model's own size
     rows = []
     for recipe in sorted((ROOT / "recipes").glob("e2e-*.yaml")):
         config = ft.load_config(recipe)
@@ -42,13 +43,13 @@ def main() -> None:
         spec, _ = resolve_method(config.method)
         model = copy.deepcopy(base)
         ft.attach(model, config.adapter, name="a")
-        trainable, total = ft.trainable_parameters(model)
+        trainable, _ = ft.trainable_parameters(model)  # its total also counts the frozen originals of copies
         ft.attach(model, copy.deepcopy(config.adapter), name="b")
         ft.set_active(model, "a")
         with torch.no_grad():
             mixed = works(lambda: model(**ids, adapter_names=["a", "b"]))
             generation = works(lambda: model.generate(**ids, max_new_tokens=4, do_sample=False))
-        rows.append((config.method, recipe.name, f"{trainable:,}", f"{100 * trainable / total:.3f} %",
+        rows.append((config.method, recipe.name, f"{trainable:,}", f"{100 * trainable / base_total:.3f} %",
                      "yes" if spec.mergeable else "no", mixed, generation,
                      "PEFT's" if spec.peft_type in PEFT_LOADS else f"own (`{spec.peft_type}`)"))
     print("| method | recipe | trainable | share | mergeable | mixed batch | generate() | file |")
