@@ -224,9 +224,9 @@ def chosen_tensors(model: nn.Module, config: PartialConfig) -> dict[str, list[st
     for name, module in model.named_modules():
         if not name or name in skip or _under(name, saved) or not in_scope(name):
             continue
-        own = module.base if isinstance(module, PartialLayer) else module
         if isinstance(module, WrappedLayer) and not isinstance(module, PartialLayer):
             continue  # another method's wrapper: its tensors are that method's
+        own = module.base if isinstance(module, PartialLayer) else module
         names = [k for k, v in own._parameters.items() if v is not None]
         if config.bias_only:  # a new bias on the output head would not survive transformers' reload
             names = ["bias"] if "bias" in names or (_can_have_bias(own) and name != head) else []
@@ -292,9 +292,10 @@ def with_tied(model: nn.Module, chosen: dict[str, list[str]]) -> dict[str, list[
     skip = inside_wrapper(model)
     out = {path: list(names) for path, names in chosen.items()}
     for name, module in model.named_modules():
-        own = module.base if isinstance(module, PartialLayer) else module
-        if not name or name in skip or (isinstance(module, WrappedLayer) and own is module):
+        other_method = isinstance(module, WrappedLayer) and not isinstance(module, PartialLayer)
+        if not name or name in skip or other_method:
             continue
+        own = module.base if isinstance(module, PartialLayer) else module
         for key, param in own._parameters.items():
             if param is not None and id(param) in wanted and key not in out.get(name, []):
                 out.setdefault(name, []).append(key)
