@@ -1,6 +1,7 @@
 """The shipped recipes reach their targets (slow: minutes each; `bash scripts/test.sh -m slow`).
 
-These run the real embedded models on the real data, exactly as a user would.
+These run the real embedded models on the real data from the CLI, as a user would: the README's
+two headline recipes as shipped, every other method's on a shorter budget (CI_BUDGET).
 """
 
 from __future__ import annotations
@@ -18,10 +19,10 @@ REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
 
 
-def run_recipe(name: str, out: Path, monkeypatch) -> tuple[dict, float]:
+def run_recipe(name: str, out: Path, monkeypatch, overrides: tuple[str, ...] = ()) -> tuple[dict, float]:
     monkeypatch.chdir(out.parent)  # recipes name their data relative to themselves, not to where they run
     start = time.perf_counter()
-    assert cli(["train", str(REPO / "recipes" / f"{name}.yaml"), f"output={out}"]) == 0
+    assert cli(["train", str(REPO / "recipes" / f"{name}.yaml"), f"output={out}", *overrides]) == 0
     return json.loads((out / "eval.json").read_text()), time.perf_counter() - start
 
 
@@ -38,23 +39,36 @@ def test_sst2_recipe_reaches_85_percent(tmp_path, monkeypatch):
     assert scores["accuracy"] >= 0.85, scores
 
 
-# Each method's recipes, with the least the fine-tuned model must reach: E2E BLEU gained over the
-# base, and SST-2 accuracy. The measured figures (README "Methods") sit well above each bound, so
-# a failure means the method broke, not that a seed was unlucky.
-E2E_GAINS = {"e2e-ia3": 30, "e2e-bottleneck": 30, "e2e-llama-adapter": 30, "e2e-prompt-tuning": 20,
-             "e2e-prefix-tuning": 25}
-SST2_ACCURACY = {"sst2-ia3": 0.80, "sst2-bottleneck": 0.80, "sst2-prompt-tuning": 0.65}
+# Every other method's recipes run on CI's budget (90 minutes on 2 cores for the whole of .ci/run):
+# cut short, and SST-2 scored on its first 1,000 dev sentences. Each must still beat the base by
+# the margin below, so a method that stopped learning fails; the full recipes' figures (README
+# "Methods") come from running them as shipped.
+CI_BUDGET = {
+    "e2e": ("train.max_steps=30", "train.eval_every=0", "train.checkpoint_every=0", "eval.samples=0"),
+    "sst2": ("train.max_steps=100", "data.max_validation=1000", "train.checkpoint_every=0"),
+}
+# Prompt tuning learns slowly (0.58 after 100 steps): it keeps its recipe's 300.
+SST2_STEPS = {"sst2-prompt-tuning": 300}
+# The least each must reach on that budget: E2E BLEU gained over the base (13.7), and SST-2 accuracy.
+# Measured on it (2 cores): E2E +35 to +47 (prompt tuning +32), SST-2 0.80 to 0.84.
+E2E_GAINS = {"e2e-ia3": 30, "e2e-bottleneck": 30, "e2e-llama-adapter": 25, "e2e-prompt-tuning": 20,
+             "e2e-prefix-tuning": 30, "e2e-reft": 30, "e2e-partial": 30, "e2e-bitfit": 30, "e2e-full": 30}
+SST2_ACCURACY = {"sst2-ia3": 0.75, "sst2-bottleneck": 0.75, "sst2-prompt-tuning": 0.65, "sst2-reft": 0.75,
+                 "sst2-partial": 0.75, "sst2-bitfit": 0.72, "sst2-full": 0.75}
 
 
 @pytest.mark.parametrize("recipe", list(E2E_GAINS))
 def test_each_methods_e2e_recipe_beats_the_base(recipe, tmp_path, monkeypatch):
-    scores, seconds = run_recipe(recipe, tmp_path / recipe, monkeypatch)
-    print(f"{recipe}: BLEU {scores['base_bleu']:.1f} -> {scores['bleu']:.1f} in {seconds / 60:.1f} min")
+    scores, seconds = run_recipe(recipe, tmp_path / recipe, monkeypatch, CI_BUDGET["e2e"])
+    print(f"{recipe} (30 steps): BLEU {scores['base_bleu']:.1f} -> {scores['bleu']:.1f} in {seconds / 60:.1f} min")
     assert scores["bleu"] >= scores["base_bleu"] + E2E_GAINS[recipe], scores
 
 
 @pytest.mark.parametrize("recipe", list(SST2_ACCURACY))
 def test_each_methods_sst2_recipe_beats_the_base(recipe, tmp_path, monkeypatch):
-    scores, seconds = run_recipe(recipe, tmp_path / recipe, monkeypatch)
-    print(f"{recipe}: accuracy {scores['base_accuracy']:.3f} -> {scores['accuracy']:.3f} in {seconds / 60:.1f} min")
+    steps = SST2_STEPS.get(recipe, 100)
+    budget = (*CI_BUDGET["sst2"], f"train.max_steps={steps}")  # the last value of a key wins
+    scores, seconds = run_recipe(recipe, tmp_path / recipe, monkeypatch, budget)
+    print(f"{recipe} ({steps} steps): accuracy {scores['base_accuracy']:.3f} -> {scores['accuracy']:.3f} in "
+          f"{seconds / 60:.1f} min")
     assert scores["accuracy"] >= max(SST2_ACCURACY[recipe], scores["base_accuracy"] + 0.1), scores
