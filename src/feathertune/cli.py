@@ -275,7 +275,8 @@ def _eval(args) -> int:
     if args.alpha is not None and target.adapter is None:
         raise ConfigError(f"--alpha interpolates a fine-tune with its base, and {args.run} is a base model alone; "
                           f"give a run or adapter directory", source="eval")
-    results = evaluate_run(target.model, target.adapter, data=data, quantize=target.quantize,
+    quantize = None if args.alpha is not None else target.quantize  # weights interpolate in full precision
+    results = evaluate_run(target.model, target.adapter, data=data, quantize=quantize,
                            label_names=target.labels, alphas=args.alpha, **options)
     print(json.dumps(results, indent=2))
     if args.alpha is not None:

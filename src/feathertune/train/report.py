@@ -163,7 +163,10 @@ def evaluate_run(model_name: str, adapter: Path | None, *, data: str, data_forma
     tokens = tokenize_examples(examples, tokenizer, max_length)
     results = {"model": model_name, "adapter": str(adapter) if adapter else None, "data": str(data),
                "examples": len(examples.items)}
-    score = lambda m: _scores(m, tokenizer, examples, tokens, task, batch_size, max_new_tokens)  # noqa: E731
+
+    def score(scored) -> dict:
+        return _scores(scored, tokenizer, examples, tokens, task, batch_size, max_new_tokens)
+
     if alphas is None:
         return {**results, **score(model)}
     from feathertune.interpolation import interpolate
