@@ -74,22 +74,18 @@ def _merged_copy(model: nn.Module) -> nn.Module:
         raise ConfigError(f"WiSE-FT interpolates weights, and the active adapter {', '.join(refused)} does not "
                           f"live in the weights (it cannot be merged); interpolate a LoRA, (IA)³, partial or "
                           f"full fine-tune", source="interpolate")
-    copied = _copy_adapted(model)
+    copied = copy.deepcopy(model)  # its own adapter state, sites and forward hooks
     unmerge(copied)
     return merge(copied, unload=True)
 
 
 def _base_copy(model: nn.Module) -> nn.Module:
     """A plain copy of `model` with every adapter taken off."""
-    copied = _copy_adapted(model)
+    copied = copy.deepcopy(model)
     unmerge(copied)
     for name in list(adapter_state(copied).configs):
         delete_adapter(copied, name)
     return copied
-
-
-def _copy_adapted(model: nn.Module) -> nn.Module:
-    return copy.deepcopy(model)  # the copy has its own adapter state, sites and forward hooks
 
 
 def _check_same_tensors(base: dict[str, torch.Tensor], tuned: dict[str, torch.Tensor]) -> None:
@@ -98,7 +94,7 @@ def _check_same_tensors(base: dict[str, torch.Tensor], tuned: dict[str, torch.Te
     problems += [f"{n}: base {tuple(base[n].shape)}, fine-tuned {tuple(t.shape)}" for n, t in tuned.items()
                  if n in base and base[n].shape != t.shape]
     problems += [f"{n}: quantized ({t.dtype}); interpolate full-precision models" for n, t in tuned.items()
-                 if not t.is_floating_point() and t.dtype in (torch.uint8, torch.int8) and n in base]
+                 if t.dtype in (torch.uint8, torch.int8) and n in base]
     if problems:
         shown = "\n".join(f"  - {p}" for p in problems[:12]) + ("\n  …" if len(problems) > 12 else "")
         raise ConfigError(f"the base and the fine-tuned model do not have the same tensors, so they cannot be "
