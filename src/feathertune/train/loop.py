@@ -338,6 +338,7 @@ class LinearProbe:
 
     def __init__(self, model: nn.Module, steps: int):
         self.steps = steps
+        self.probing: bool | None = None  # the phase the flags are set for; None: not set yet
         head = {id(p) for n in saved_module_names(model, "default")
                 for p in model.get_submodule(n).adapter_parameters("default")}
         self.rest = [p for p in adapter_parameters(model, "default") if id(p) not in head]
@@ -346,10 +347,13 @@ class LinearProbe:
                               f"train.lp_steps=0", source="train.lp_steps")
 
     def before_step(self, step: int) -> None:
-        """Freeze the rest for the probe's steps, then let it train (a resumed run lands in either)."""
-        if self.steps:
+        """Freeze the rest for the probe's steps, then let it train (a resumed run lands in either).
+        The flags change only where the phase does, not on every step."""
+        probing = step < self.steps
+        if self.steps and probing != self.probing:
             for param in self.rest:
-                param.requires_grad_(step >= self.steps)
+                param.requires_grad_(not probing)
+            self.probing = probing
 
 
 def _tokenize(name: str, examples, tokenizer, max_length: int, say) -> Tokenized:
