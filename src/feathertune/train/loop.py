@@ -50,6 +50,15 @@ class TrainingDiverged(FeathertuneError):
     """The loss became NaN or infinite; the last good checkpoint is kept."""
 
 
+class RunStopped(FeathertuneError):
+    """`stop()` asked the run to end early; it wrote a checkpoint at `step` first, so --resume
+    continues from there exactly."""
+
+    def __init__(self, step: int, checkpoint: Path):
+        super().__init__(f"stopped at step {step}; checkpoint {checkpoint}")
+        self.step, self.checkpoint = step, checkpoint
+
+
 @dataclasses.dataclass
 class RunResult:
     output: Path
@@ -58,7 +67,7 @@ class RunResult:
     metrics: dict  # eval.json's content
 
 
-def run(config: TrainConfig, *, resume: bool = False, log=print) -> RunResult:
+def run(config: TrainConfig, *, resume: bool = False, log=print, stop=None) -> RunResult:
     """Fine-tune as `config` says and write the run directory (see README "Run directory").
 
     Every check that does not need training (the config, the data files, whether they fit each
@@ -70,22 +79,25 @@ def run(config: TrainConfig, *, resume: bool = False, log=print) -> RunResult:
         resume: continue from the newest checkpoint in `config.output`. The run's saved config.yaml
             holds; `config` may differ from it only in the keys of train.config.RESUMABLE.
         log: where progress lines go (rank 0 only).
+        stop: a callable asked after every step (e.g. a SIGTERM flag, the service's cancel and
+            pause); when it returns True the run writes a checkpoint and raises RunStopped.
 
     Raises:
         DataError: a data file has bad examples (nothing is written).
         ConfigError: a bad config, data that does not fit it, an output directory that already
             holds another run, or a resume that would change the run.
         TrainingDiverged: the loss became non-finite.
+        RunStopped: `stop()` returned True (a checkpoint was written first).
     """
     procs = distributed.setup()
     say = log if procs.is_main else (lambda *_: None)
     try:
-        return _run(config, resume, procs, say)
+        return _run(config, resume, procs, say, stop)
     finally:
         distributed.teardown(procs)
 
 
-def _run(config: TrainConfig, resume: bool, procs: distributed.Processes, say) -> RunResult:
+def _run(config: TrainConfig, resume: bool, procs: distributed.Processes, say, stop) -> RunResult:
     # 1. Everything that can be checked without training, before anything is written.
     train_set, val_set = _read_data(config.data)
     task = _task(config.task, train_set, val_set, config.train.lp_steps)
@@ -160,7 +172,8 @@ def _run(config: TrainConfig, resume: bool, procs: distributed.Processes, say) -
         if metrics is not None and (done % loop.log_every == 0 or done == total_steps):
             now = time.perf_counter()
             metrics.write({"step": done, "epoch": round(done / steps_per_epoch, 4), "loss": loss,
-                           "lr": scheduler.get_last_lr()[0], "tokens_per_s": tokens_since / max(now - t_last, 1e-9)})
+                           "lr": scheduler.get_last_lr()[0], "tokens": int(tokens_since),
+                           "tokens_per_s": tokens_since / max(now - t_last, 1e-9)})
             progress.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tokens_since / max(now - t_last, 1e-9):.0f}")
             t_last, tokens_since = now, 0.0
         progress.update(1)
@@ -169,10 +182,17 @@ def _run(config: TrainConfig, resume: bool, procs: distributed.Processes, say) -
             if metrics is not None:
                 metrics.write({"step": done, "eval_loss": eval_loss})
             model.train()
-        if loop.checkpoint_every and done % loop.checkpoint_every == 0 and done != total_steps and procs.is_main:
-            state.save_checkpoint(out, done, model, optimizer, scheduler, loop.keep_checkpoints,
+        saved = loop.checkpoint_every and done % loop.checkpoint_every == 0
+        stopping = stop is not None and done != total_steps and distributed.broadcast_flag(procs, bool(stop()))
+        if (saved or stopping) and done != total_steps and procs.is_main:
+            state.save_checkpoint(out, done, model, optimizer, scheduler, max(loop.keep_checkpoints, 1),
                                   {"epoch": epoch, "total_steps": total_steps})
         distributed.barrier(procs)
+        if stopping:
+            progress.close()
+            if metrics is not None:
+                metrics.close()
+            raise RunStopped(done, out / "checkpoints" / f"step-{done:06d}")
     progress.close()
     training = {"train_seconds": round(time.perf_counter() - started, 1), "peak_memory_mib": memory.peak_mib()}
 
