@@ -108,6 +108,30 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("inspect", help="what an adapter or run directory holds")
     p.add_argument("path", help="adapter directory or run directory")
     p.set_defaults(handler=_inspect)
+
+    p = sub.add_parser("serve", help="the OpenAI-compatible fine-tuning service: files, jobs, chat, dashboard",
+                       description="Serve OpenAI's files, fine-tuning jobs, models and chat completions API on "
+                                   "this machine (code written for the `openai` client works unchanged), with a "
+                                   "dashboard at /. Every /v1 route needs `Authorization: Bearer KEY`: the key is "
+                                   f"$FEATHERTUNE_API_KEY, --api-key-file, or one generated at the first start "
+                                   "(printed, and kept in DATA/api_key).")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--data-dir", help="uploads, jobs, adapters and the SQLite state (default: "
+                                      "$FEATHERTUNE_HOME/service, i.e. ~/.cache/feathertune/service)")
+    p.add_argument("--model", action="append", metavar="NAME[=PATH]",
+                   help=f"a base model jobs may fine-tune and chat may use; repeat for more (default: {DEFAULT_MODEL})")
+    p.add_argument("--max-upload-mb", type=int, default=512, help="largest upload accepted (413 above it)")
+    p.add_argument("--workers", type=int, default=1, help="jobs trained at once (0: API only); on a CUDA "
+                                                         "machine each running job gets its own GPU")
+    p.add_argument("--max-adapters", type=int, default=8, help="fine-tuned adapters kept in memory for chat")
+    p.add_argument("--database-url", help="postgresql://USER@HOST/DB to keep the state (and the job queue) "
+                                          "on PostgreSQL, shared by several --worker processes (default: SQLite)")
+    p.add_argument("--worker", action="store_true",
+                   help="run jobs only (no API): several of these on different machines share one "
+                        "--database-url queue and one --data-dir")
+    p.add_argument("--api-key-file", help="a file of accepted keys, one per line")
+    p.set_defaults(handler=_serve)
     return parser
 
 
@@ -349,6 +373,23 @@ def _refuse_existing(out: Path, overwrite: bool, command: str) -> None:
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
         raise ConfigError(f"{out} already exists and is not empty; choose another --out, or pass --overwrite "
                           f"to replace it", source=command)
+
+
+def _serve(args) -> int:
+    from feathertune.models import feathertune_home
+    from feathertune.service.server import Settings, parse_models, serve
+
+    for name, value in (("--port", args.port), ("--max-upload-mb", args.max_upload_mb),
+                        ("--workers", args.workers + 1), ("--max-adapters", args.max_adapters)):
+        if value < 1:
+            raise ConfigError(f"{name}={value if name != '--workers' else args.workers}: use a positive number"
+                              + (" (or 0 workers for an API alone)" if name == "--workers" else ""), source="serve")
+    settings = Settings(data_dir=args.data_dir or str(feathertune_home() / "service"),
+                        models=parse_models(args.model, DEFAULT_MODEL), host=args.host, port=args.port,
+                        database_url=args.database_url, workers=args.workers, worker_only=args.worker,
+                        max_upload_mb=args.max_upload_mb, max_adapters=args.max_adapters,
+                        api_key_file=args.api_key_file)
+    return serve(settings)
 
 
 def _inspect(args) -> int:

@@ -1,0 +1,1 @@
+"""The OpenAI-compatible fine-tuning service (`feathertune serve`)."""

@@ -1,0 +1,399 @@
+"""The HTTP API: OpenAI's files, fine-tuning jobs, models and chat completions, plus the dashboard.
+
+Every /v1 route needs `Authorization: Bearer <key>` (compared in constant time). Every error,
+whatever raised it (a bad body, an unknown id, a route that does not exist), is answered in
+OpenAI's shape, `{"error": {"message", "type", "param", "code"}}`, so the `openai` client raises
+its own typed exceptions (AuthenticationError, NotFoundError, BadRequestError, ...).
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import time
+from pathlib import Path
+from typing import Any, Iterator, Literal
+
+from fastapi import Depends, FastAPI, File, Form, Query, Request, UploadFile
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, StreamingResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.exceptions import HTTPException
+
+from feathertune.errors import ConfigError
+from feathertune.service import jobs
+from feathertune.service.openai_objects import (
+    OWNER,
+    ApiError,
+    checkpoint_object,
+    error_body,
+    event_object,
+    file_object,
+    job_object,
+    model_object,
+    not_found,
+    page,
+)
+from feathertune.service.paths import DataDir, display_name, new_id
+from feathertune.service.store import TERMINAL, Store
+
+DASHBOARD = Path(__file__).with_name("dashboard.html")
+PURPOSES = ("fine-tune", "fine-tune-results", "assistants", "batch", "vision", "user_data", "evals")
+STATUS_WAIT_S = 10.0  # cancel / pause of a running job: how long the answer waits for it to stop
+CHUNK = 1 << 20
+
+
+# -- request bodies (they also make the OpenAPI schema that schemathesis fuzzes) ------------------
+class JobBody(BaseModel):
+    model_config = ConfigDict(extra="allow", protected_namespaces=())
+    model: str
+    training_file: str
+    validation_file: str | None = None
+    suffix: str | None = None
+    seed: int | None = None
+    metadata: dict[str, str] | None = None
+    method: dict[str, Any] | None = None
+    hyperparameters: dict[str, Any] | None = None
+    integrations: list[Any] | None = None
+    feathertune: dict[str, Any] | None = Field(None, description="feathertune's own training options: method, "
+                                                                 "adapter, quantize, train, data, eval")
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[dict[str, Any]] | None = None
+
+
+class ChatBody(BaseModel):
+    model_config = ConfigDict(extra="allow", protected_namespaces=())
+    model: str
+    messages: list[Message] = Field(min_length=1)
+    max_tokens: int | None = Field(None, ge=1, le=4096)
+    max_completion_tokens: int | None = Field(None, ge=1, le=4096)
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    stream: bool | None = False
+    stream_options: dict[str, Any] | None = None
+    n: int | None = Field(None, ge=1, le=1)
+
+
+def create_app(*, store: Store, data: DataDir, models: dict[str, str], api_keys: list[str], engine=None,
+               max_upload_bytes: int = 512 << 20) -> FastAPI:
+    """The service's ASGI app. `models`: base name → source (embedded name or model directory);
+    `engine`: a chat.ChatEngine (None: chat completions answer 503)."""
+    app = FastAPI(title="feathertune", version="1", description="OpenAI-compatible fine-tuning on your own machine")
+    bearer = HTTPBearer(auto_error=False)
+    keys = [k.encode() for k in api_keys]
+
+    def authorized(credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> None:
+        given = (credentials.credentials if credentials else "").encode()
+        if not any(hmac.compare_digest(given, key) for key in keys):  # constant time, whatever the key
+            raise ApiError(401, "Incorrect API key provided. Pass the key the server printed at start "
+                           "(or FEATHERTUNE_API_KEY) as `Authorization: Bearer <key>`.", code="invalid_api_key")
+
+    _install_error_handlers(app)
+    _limit_uploads(app, max_upload_bytes)
+    auth = [Depends(authorized)]
+
+    # -- files ------------------------------------------------------------------------------
+    @app.post("/v1/files", dependencies=auth)
+    def upload(file: UploadFile = File(...), purpose: str = Form(...)) -> dict:
+        if purpose not in PURPOSES:
+            raise ApiError(400, f"purpose={purpose!r}; use one of {', '.join(PURPOSES)}", param="purpose")
+        file_id = new_id("file")
+        filename = display_name(file.filename)
+        stored = data.stored_name(file_id, filename)
+        target = data.file(stored)
+        size = _copy_limited(file, target, max_upload_bytes)
+        row = store.insert("files", {"id": file_id, "filename": filename, "purpose": purpose, "bytes": size,
+                                     "stored_name": stored})
+        return file_object(row)
+
+    @app.get("/v1/files", dependencies=auth)
+    def list_files(purpose: str | None = None, after: str | None = None, limit: int = Query(10000, ge=1, le=10000),
+                   order: Literal["asc", "desc"] = "desc") -> dict:
+        rows, more = store.page("files", after=after, limit=limit, where={"purpose": purpose} if purpose else None,
+                                newest_first=order == "desc")
+        return page([file_object(r) for r in rows], more)
+
+    def file_row(file_id: str) -> dict:
+        row = store.get("files", file_id)
+        if row is None:
+            raise not_found("file", file_id, "file_id")
+        return row
+
+    @app.get("/v1/files/{file_id}", dependencies=auth)
+    def get_file(file_id: str) -> dict:
+        return file_object(file_row(file_id))
+
+    @app.delete("/v1/files/{file_id}", dependencies=auth)
+    def delete_file(file_id: str) -> dict:
+        row = file_row(file_id)
+        store.delete("files", file_id)
+        data.file(row["stored_name"]).unlink(missing_ok=True)
+        return {"id": file_id, "object": "file", "deleted": True}
+
+    @app.get("/v1/files/{file_id}/content", dependencies=auth)
+    def file_content(file_id: str):
+        row = file_row(file_id)
+        return FileResponse(data.file(row["stored_name"]), media_type="application/octet-stream",
+                            filename=row["filename"])
+
+    # -- fine-tuning jobs -------------------------------------------------------------------
+    def job_row(job_id: str) -> dict:
+        row = store.get("jobs", job_id)
+        if row is None:
+            raise not_found("fine-tuning job", job_id, "fine_tuning_job_id")
+        return row
+
+    @app.post("/v1/fine_tuning/jobs", dependencies=auth)
+    def create_job(body: JobBody) -> dict:
+        values = body.model_dump(exclude_unset=True)
+        named = {values.get("training_file"), values.get("validation_file")} - {None}
+        files = {f: r for f in named if (r := store.get("files", f)) is not None}
+        row = jobs.new_job_row(values, job_id=new_id("ftjob"), models=set(models), files=files)
+        row = store.insert("jobs", row)
+        store.insert("events", {"id": new_id("ftevent"), "job_id": row["id"], "level": "info",
+                                "message": f"Created fine-tuning job: {row['id']}", "type": "message", "data": None})
+        return job_object(store.get("jobs", row["id"]))
+
+    @app.get("/v1/fine_tuning/jobs", dependencies=auth)
+    def list_jobs(after: str | None = None, limit: int = Query(20, ge=1, le=100)) -> dict:
+        rows, more = store.page("jobs", after=after, limit=limit)
+        return page([job_object(r) for r in rows], more)
+
+    @app.get("/v1/fine_tuning/jobs/{job_id}", dependencies=auth)
+    def get_job(job_id: str) -> dict:
+        return job_object(job_row(job_id))
+
+    def stop_job(job_id: str, action: str) -> dict:
+        row = job_row(job_id)
+        target = {"cancel": "cancelled", "pause": "paused"}[action]
+        waiting = ("validating_files", "queued") + (("paused",) if action == "cancel" else ())
+        finished = int(time.time()) if action == "cancel" else None
+        if store.update_job(job_id, when_status=waiting, status=target, worker=None, finished_at=finished):
+            _event(store, job_id, f"The job was {target}")
+        elif store.update_job(job_id, when_status=("running",), requested=action):
+            deadline = time.time() + STATUS_WAIT_S  # the run stops after its step, at a checkpoint
+            while time.time() < deadline and job_row(job_id)["status"] == "running":
+                time.sleep(0.1)
+        else:
+            raise ApiError(400, f"Cannot {action} a job whose status is {row['status']!r}", param="fine_tuning_job_id",
+                           code="invalid_job_status")
+        return job_object(job_row(job_id))
+
+    @app.post("/v1/fine_tuning/jobs/{job_id}/cancel", dependencies=auth)
+    def cancel_job(job_id: str) -> dict:
+        return stop_job(job_id, "cancel")
+
+    @app.post("/v1/fine_tuning/jobs/{job_id}/pause", dependencies=auth)
+    def pause_job(job_id: str) -> dict:
+        return stop_job(job_id, "pause")
+
+    @app.post("/v1/fine_tuning/jobs/{job_id}/resume", dependencies=auth)
+    def resume_job(job_id: str) -> dict:
+        row = job_row(job_id)
+        if not store.update_job(job_id, when_status=("paused",), status="queued"):
+            raise ApiError(400, f"Only a paused job can resume; this one is {row['status']!r}",
+                           param="fine_tuning_job_id", code="invalid_job_status")
+        _event(store, job_id, "The job was resumed; it continues from its last checkpoint")
+        return job_object(job_row(job_id))
+
+    @app.get("/v1/fine_tuning/jobs/{job_id}/events", dependencies=auth)
+    def job_events(job_id: str, after: str | None = None, limit: int = Query(20, ge=1, le=10000)) -> dict:
+        job_row(job_id)
+        rows, more = store.page("events", after=after, limit=limit, where={"job_id": job_id})
+        return page([event_object(r) for r in rows], more)
+
+    @app.get("/v1/fine_tuning/jobs/{job_id}/checkpoints", dependencies=auth)
+    def job_checkpoints(job_id: str, after: str | None = None, limit: int = Query(10, ge=1, le=100)) -> dict:
+        job_row(job_id)
+        rows, more = store.page("checkpoints", after=after, limit=limit, where={"job_id": job_id})
+        return page([checkpoint_object(r) for r in rows], more)
+
+    # -- models -----------------------------------------------------------------------------
+    started = int(time.time())
+
+    @app.get("/v1/models", dependencies=auth)
+    def list_models() -> dict:
+        bases = [model_object(name, started) for name in models]
+        tuned = [model_object(r["id"], r["created_at"], "user") for r in store.all("models")]
+        return {"object": "list", "data": bases + tuned}
+
+    def model_row(model_id: str) -> dict | None:
+        row = store.get("models", model_id)
+        if row is None and model_id not in models:
+            raise ApiError(404, f"The model {model_id!r} does not exist", param="model", code="model_not_found")
+        return row
+
+    @app.get("/v1/models/{model_id}", dependencies=auth)
+    def get_model(model_id: str) -> dict:
+        row = model_row(model_id)
+        return model_object(model_id, started) if row is None else model_object(row["id"], row["created_at"], "user")
+
+    @app.delete("/v1/models/{model_id}", dependencies=auth)
+    def delete_model(model_id: str) -> dict:
+        if model_row(model_id) is None:
+            raise ApiError(403, f"{model_id!r} is a base model; only fine-tuned models can be deleted",
+                           param="model", code="model_not_deletable")
+        store.delete("models", model_id)
+        if engine is not None:
+            engine.forget(model_id)
+        return {"id": model_id, "object": "model", "deleted": True}
+
+    # -- chat completions -------------------------------------------------------------------
+    @app.post("/v1/chat/completions", dependencies=auth)
+    def chat_completions(body: ChatBody):
+        if engine is None:
+            raise ApiError(503, "this server runs no chat engine (started with --worker?)", type="server_error")
+        request = _chat_request(body, model_row(body.model), data, models)
+        completion_id, created = "chatcmpl-" + new_id("file")[5:], int(time.time())
+        if body.stream:
+            include_usage = bool((body.stream_options or {}).get("include_usage"))
+            pieces = engine.stream(request)
+            first = next(pieces)  # errors (a prompt too long) surface here, as a status, not mid-stream
+            return StreamingResponse(_sse(body.model, completion_id, created, first, pieces, include_usage),
+                                     media_type="text/event-stream")
+        result = engine.complete(request)
+        return {"id": completion_id, "object": "chat.completion", "created": created, "model": body.model,
+                "system_fingerprint": None,
+                "choices": [{"index": 0, "finish_reason": result.finish_reason, "logprobs": None,
+                             "message": {"role": "assistant", "content": result.text, "refusal": None}}],
+                "usage": _usage(result)}
+
+    # -- dashboard --------------------------------------------------------------------------
+    @app.get("/", include_in_schema=False)
+    def dashboard() -> HTMLResponse:
+        return HTMLResponse(DASHBOARD.read_text(encoding="utf-8") if DASHBOARD.is_file() else "<h1>feathertune</h1>")
+
+    return app
+
+
+def _event(store: Store, job_id: str, message: str) -> None:
+    store.insert("events", {"id": new_id("ftevent"), "job_id": job_id, "level": "info", "message": message,
+                            "type": "message", "data": None})
+
+
+def _copy_limited(upload: UploadFile, target: Path, limit: int) -> int:
+    """Stream the upload to `target`; over `limit` bytes: nothing kept, 413."""
+    size = 0
+    tmp = target.with_name(f".{target.name}.part")
+    try:
+        with open(tmp, "wb") as out:
+            while chunk := upload.file.read(CHUNK):
+                size += len(chunk)
+                if size > limit:
+                    raise ApiError(413, f"The file is larger than this server's limit of {limit // (1 << 20)} MB "
+                                   f"(--max-upload-mb)", param="file", code="file_too_large")
+                out.write(chunk)
+        tmp.replace(target)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return size
+
+
+def _chat_request(body: ChatBody, row: dict | None, data: DataDir, models: dict[str, str]):
+    from feathertune.service.chat import ChatRequest
+
+    messages = []
+    for m in body.messages:
+        content = m.content
+        if isinstance(content, list):  # content parts: the text ones, joined
+            content = "".join(str(p.get("text", "")) for p in content if p.get("type") == "text")
+        messages.append({"role": "system" if m.role == "developer" else m.role, "content": content or ""})
+    stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+    if len(stop) > 4 or any(not s for s in stop):
+        raise ApiError(400, "stop takes up to 4 non-empty strings", param="stop")
+    base = row["base"] if row else body.model
+    if base not in models:
+        raise ApiError(404, f"the base model {base!r} of {body.model!r} is not served here", param="model",
+                       code="model_not_found")
+    adapter = data.inside(row["adapter"]) if row else None
+    return ChatRequest(base=base, adapter=adapter, adapter_key=body.model if row else "", messages=messages,
+                       max_tokens=body.max_completion_tokens or body.max_tokens,
+                       temperature=1.0 if body.temperature is None else body.temperature,
+                       top_p=1.0 if body.top_p is None else body.top_p, stop=stop, seed=body.seed)
+
+
+def _usage(result) -> dict:
+    return {"prompt_tokens": result.prompt_tokens, "completion_tokens": result.completion_tokens,
+            "total_tokens": result.prompt_tokens + result.completion_tokens}
+
+
+def _sse(model: str, completion_id: str, created: int, first, rest: Iterator, include_usage: bool) -> Iterator[str]:
+    """Server-sent events as OpenAI streams them: a role chunk, content chunks, a finish chunk,
+    optionally a usage chunk, then [DONE]."""
+    from feathertune.service.chat import ChatResult
+
+    def chunk(delta: dict, finish: str | None = None, usage: dict | None = None, choices: bool = True) -> str:
+        body = {"id": completion_id, "object": "chat.completion.chunk", "created": created, "model": model,
+                "system_fingerprint": None,
+                "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}] if choices else []}
+        if usage is not None:
+            body["usage"] = usage
+        return f"data: {json.dumps(body)}\n\n"
+
+    yield chunk({"role": "assistant", "content": ""})
+    for piece in _chain(first, rest):
+        if isinstance(piece, ChatResult):
+            yield chunk({}, piece.finish_reason)
+            if include_usage:
+                yield chunk({}, usage=_usage(piece), choices=False)
+        elif piece:
+            yield chunk({"content": piece})
+    yield "data: [DONE]\n\n"
+
+
+def _chain(first, rest: Iterator) -> Iterator:
+    yield first
+    yield from rest
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(ApiError)
+    async def api_error(_: Request, exc: ApiError):
+        return JSONResponse(exc.body(), status_code=exc.status)
+
+    @app.exception_handler(ConfigError)
+    async def config_error(_: Request, exc: ConfigError):
+        return JSONResponse(error_body(str(exc), "invalid_request_error", None, "invalid_request"), status_code=400)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(_: Request, exc: HTTPException):
+        kind = "server_error" if exc.status_code >= 500 else "invalid_request_error"
+        message = exc.detail if isinstance(exc.detail, str) else json.dumps(exc.detail)
+        if exc.status_code == 404:
+            message = "Not found: no such route. The API is under /v1 (files, fine_tuning/jobs, models, chat/completions)."
+        return JSONResponse(error_body(message, kind, None, None), status_code=exc.status_code)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_body(_: Request, exc: RequestValidationError):
+        first = exc.errors()[0] if exc.errors() else {}
+        where = [str(p) for p in first.get("loc", ()) if p not in ("body", "query", "path", "form")]
+        param = ".".join(where) or None
+        message = f"Invalid request: {param + ': ' if param else ''}{first.get('msg', 'the body is not valid')}"
+        code = "missing_required_parameter" if first.get("type") == "missing" else "invalid_request"
+        return JSONResponse(error_body(message, "invalid_request_error", param, code), status_code=400)
+
+    @app.exception_handler(Exception)
+    async def crashed(_: Request, exc: Exception):
+        return JSONResponse(error_body(f"internal error: {type(exc).__name__}: {exc}", "server_error"), status_code=500)
+
+
+def _limit_uploads(app: FastAPI, limit: int) -> None:
+    """Refuse an upload by its Content-Length before reading it (413); a body that gives none is
+    counted as it is copied (upload())."""
+
+    @app.middleware("http")
+    async def refuse_large(request: Request, call_next):
+        length = request.headers.get("content-length", "")
+        if request.method == "POST" and request.url.path == "/v1/files" and length.isdigit() \
+                and int(length) > limit + (64 << 10):  # a little over: the multipart envelope
+            return JSONResponse(error_body(f"The file is larger than this server's limit of {limit // (1 << 20)} MB "
+                                           f"(--max-upload-mb)", "invalid_request_error", "file", "file_too_large"),
+                                status_code=413)
+        return await call_next(request)
