@@ -177,8 +177,9 @@ class JobRun:
             (self.dir / "error.json").unlink()
         from feathertune.train.state import checkpoints
 
-        kept = checkpoints(self.run_dir)
-        worker.event(job, f"Resuming from the checkpoint at step {kept[-1][0]}" if kept else "Fine-tuning job started")
+        kept = checkpoints(self.run_dir, clean=False)
+        worker.event(job, f"Resuming from the checkpoint at step {kept[-1][0]}" if kept else "Fine-tuning job started",
+                     data={"worker": worker.name})  # which `serve --worker` ran it, for the dashboard and logs
         env = dict(os.environ)
         if worker.gpus:  # each running job on its own GPU
             env["CUDA_VISIBLE_DEVICES"] = str(self.slot % worker.gpus)
@@ -225,7 +226,7 @@ class JobRun:
         from feathertune.train.state import checkpoints
 
         known = {row["step_number"] for row in self.store.all("checkpoints", job_id=self.job["id"])}
-        for step, path in checkpoints(self.run_dir):
+        for step, path in checkpoints(self.run_dir, clean=False):  # the run may be writing the next one
             if step not in known:
                 self._add_checkpoint(step, path / "adapter", steps)
 

@@ -63,15 +63,17 @@ def save_checkpoint(run_dir: Path, step: int, model: nn.Module, optimizer: torch
     return final
 
 
-def checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
-    """(step, path) of every complete checkpoint, oldest first; removes torn temporary ones."""
+def checkpoints(run_dir: Path, *, clean: bool = True) -> list[tuple[int, Path]]:
+    """(step, path) of every complete checkpoint, oldest first; removes torn temporary ones, unless
+    `clean=False` (an onlooker, such as the service's worker, while the run may be writing one)."""
     root = run_dir / "checkpoints"
     if not root.is_dir():
         return []
     found = []
     for path in root.iterdir():
         if path.name.startswith(".") and path.name.endswith(".tmp"):
-            shutil.rmtree(path, ignore_errors=True)  # a kill mid-write
+            if clean:
+                shutil.rmtree(path, ignore_errors=True)  # a kill mid-write
             continue
         match = _STEP_DIR.match(path.name)
         if match and (path / "trainer.json").is_file():
