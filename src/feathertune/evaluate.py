@@ -116,7 +116,7 @@ def _device_of(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
-def _eos_ids(model: nn.Module, tokenizer) -> list[int]:
+def eos_ids(model: nn.Module, tokenizer) -> list[int]:
     """The tokenizer's eos plus any the model's generation config lists (chat models often end a
     turn with a token, e.g. <|im_end|>, that differs from the tokenizer's eos)."""
     ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
@@ -165,7 +165,7 @@ def generate(model, tokenizer, conversations: list[list[dict]], *, max_new_token
     lengths = [len(ids) for ids in tokenizer(prompts, add_special_tokens=False)["input_ids"]]
     order = sorted(range(len(prompts)), key=lambda i: -lengths[i])
     answers: list[str | None] = [None] * len(prompts)
-    eos = _eos_ids(model, tokenizer)
+    eos = eos_ids(model, tokenizer)
     device = _device_of(model)
 
     saved = tokenizer.padding_side, tokenizer.pad_token

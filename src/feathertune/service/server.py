@@ -123,7 +123,10 @@ def _chat_engine(settings: Settings):
     from feathertune.service.chat import ChatEngine
 
     def load_base(name: str):
-        return load_model(settings.models[name])
+        import torch
+
+        model, tokenizer = load_model(settings.models[name])
+        return model.to("cuda" if torch.cuda.is_available() else "cpu"), tokenizer
 
     return ChatEngine(load_base, max_adapters=settings.max_adapters)
 
