@@ -92,8 +92,17 @@ def _method(body: dict[str, Any]) -> dict[str, Any]:
         kind = method.get("type") if isinstance(method, dict) else method
         raise ApiError(400, f"method.type={kind!r} is not supported; use 'supervised' (DPO comes with issue 12)",
                        param="method.type")
-    section = method.get("supervised") or {}
-    hyper = section.get("hyperparameters") if isinstance(section, dict) else None
+    # A misplaced key (method.hyperparameters) or a section that is not an object would otherwise be
+    # ignored, and the job trained with "auto" where the client asked for values.
+    unknown = sorted(set(method) - {"type", "supervised"})
+    if unknown:
+        raise ApiError(400, f"method: unknown key(s) {unknown}; a supervised method is "
+                       f"{{'type': 'supervised', 'supervised': {{'hyperparameters': {{...}}}}}}", param="method")
+    section = {} if method.get("supervised") is None else method["supervised"]
+    if not isinstance(section, dict) or sorted(set(section) - {"hyperparameters"}):
+        raise ApiError(400, f"method.supervised={section!r} must be an object with (only) 'hyperparameters'",
+                       param="method.supervised")
+    hyper = section.get("hyperparameters")
     hyper = {} if hyper is None else hyper
     if not isinstance(hyper, dict):
         raise ApiError(400, "method.supervised.hyperparameters must be an object", param="method.supervised.hyperparameters")
@@ -144,10 +153,13 @@ def check_options(options: dict[str, Any]) -> None:
 def resolved_hyperparameters(job: dict[str, Any], train_examples: int) -> dict[str, Any]:
     """The job's hyperparameters with every "auto" chosen for a training file of this size."""
     hyper = dict(job["method"]["supervised"]["hyperparameters"])
-    if hyper["n_epochs"] == "auto":
-        hyper["n_epochs"] = AUTO_EPOCHS
     if hyper["batch_size"] == "auto":  # about 0.2 % of the file, as OpenAI's auto does, within 1..8
         hyper["batch_size"] = max(1, min(8, math.ceil(train_examples * 0.002)))
+    max_steps = (job["options"].get("train") or {}).get("max_steps")
+    if isinstance(max_steps, int) and max_steps > 0:  # feathertune's max_steps wins: report the epochs it makes
+        hyper["n_epochs"] = max(1, math.ceil(max_steps * hyper["batch_size"] / max(train_examples, 1)))
+    elif hyper["n_epochs"] == "auto":
+        hyper["n_epochs"] = AUTO_EPOCHS
     if hyper["learning_rate_multiplier"] == "auto":
         hyper["learning_rate_multiplier"] = 1.0
     return hyper

@@ -89,9 +89,9 @@ class Worker:
             self._fail(job, f"invalid_{param}", str(exc), param=param)
             return
         method = {"type": "supervised", "supervised": {"hyperparameters": jobs.resolved_hyperparameters(job, count)}}
-        if self.store.update_job(job["id"], when_status=("validating_files",), when_worker=self.name,
-                                 status="queued", worker=None, method=method):
-            self.event(job, "Files validated, moving job to queued state")
+        self.event(job, "Files validated, moving job to queued state")
+        self.store.update_job(job["id"], when_status=("validating_files",), when_worker=self.name,
+                              status="queued", worker=None, method=method)
 
     def read_examples(self, job: dict[str, Any], param: str) -> int:
         """Validate a job's file with the CLI's reader; DataError names the file id and line."""
@@ -117,11 +117,10 @@ class Worker:
 
     def _fail(self, job: dict[str, Any], code: str, message: str, param: str | None = None) -> None:
         message = message.replace(str(self.data.root), "<data>")
-        if self.store.update_job(job["id"], when_status=("validating_files", "queued", "running"),
-                                 when_worker=self.name, status="failed", worker=None, requested=None,
-                                 error={"code": code, "message": message, "param": param},
-                                 finished_at=int(time.time())):
-            self.event(job, f"The job failed: {message}", level="error")
+        self.event(job, f"The job failed: {message}", level="error")  # before the status, as above
+        self.store.update_job(job["id"], when_status=("validating_files", "queued", "running"),
+                              when_worker=self.name, status="failed", worker=None, requested=None,
+                              error={"code": code, "message": message, "param": param}, finished_at=int(time.time()))
 
 
 def _param_error(exc: FeathertuneError, param: str) -> FeathertuneError:
@@ -242,9 +241,11 @@ class JobRun:
                    "valid_mean_token_accuracy": None, "full_valid_loss": None, "full_valid_mean_token_accuracy": None}
         metrics.update({k: v for k, v in steps.get(step, {}).items() if k in metrics})
         name = jobs.fine_tuned_name(self.job, step)
+        # The model first: a worker killed between the two leaves the step unlisted, and the worker
+        # that resumes the job lists it (a listed step is never looked at again).
+        self._add_model(name, target)
         self.store.insert("checkpoints", {"id": new_id("ftckpt"), "job_id": self.job["id"], "step_number": step,
                                           "metrics": metrics, "fine_tuned_model_checkpoint": name})
-        self._add_model(name, target)
         self.worker.event(self.job, f"Checkpoint created at step {step}")
 
     def _add_model(self, name: str, adapter: Path) -> None:
@@ -263,18 +264,19 @@ class JobRun:
             self._add_model(model, self.run_dir / "adapter")
             result = self._result_file()
             self.worker.event(self.job, f"New fine-tuned model created: {model}")
-            if self.store.update_job(job_id, when_worker=name, status="succeeded", worker=None, requested=None,
-                                     fine_tuned_model=model, finished_at=int(time.time()), estimated_finish=None,
-                                     result_files=[result]):
-                self.worker.event(self.job, "The job has successfully completed")
+            # The last event goes in before the status, so a client that sees the status has it too.
+            self.worker.event(self.job, "The job has successfully completed")
+            self.store.update_job(job_id, when_worker=name, status="succeeded", worker=None, requested=None,
+                                  fine_tuned_model=model, finished_at=int(time.time()), estimated_finish=None,
+                                  result_files=[result])
             return
         if code == STOPPED:
             status = {"cancel": "cancelled", "pause": "paused"}.get(asked, "queued")
             finished = int(time.time()) if status == "cancelled" else None
-            self.store.update_job(job_id, when_worker=name, status=status, worker=None, requested=None,
-                                  finished_at=finished, estimated_finish=None)
             self.worker.event(self.job, {"cancelled": "The job was cancelled", "paused": "The job was paused",
                                          "queued": "The worker stopped; the job is queued again"}[status])
+            self.store.update_job(job_id, when_worker=name, status=status, worker=None, requested=None,
+                                  finished_at=finished, estimated_finish=None)
             return
         error_file = self.dir / "error.json"
         if error_file.is_file():
