@@ -319,6 +319,16 @@ class _Postgres(_Backend):
 
         return psycopg.connect(self.url, row_factory=dict_row, autocommit=True)
 
+    def _connection(self):
+        # A connection the server dropped (a restart, a failover) stays closed: the call that found
+        # it so has failed; the next one connects again, or a worker would never claim again.
+        conn = getattr(self._local, "conn", None)
+        if conn is not None and conn.closed:
+            self._local.conn = None
+            with self._lock:
+                self._all.remove(conn)
+        return super()._connection()
+
     @staticmethod
     def _sql(sql: str) -> str:
         return sql.replace("%", "%%").replace("?", "%s")
