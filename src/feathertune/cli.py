@@ -131,6 +131,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="run jobs only (no API): several of these on different machines share one "
                         "--database-url queue and one --data-dir")
     p.add_argument("--api-key-file", help="a file of accepted keys, one per line")
+    p.add_argument("--lease-s", type=float, default=30.0,
+                   help="a running job whose worker has not said it is alive for this long (a dead machine) "
+                        "is taken over by another worker; on the same machine a dead worker is seen at once")
     p.set_defaults(handler=_serve)
     return parser
 
@@ -379,16 +382,18 @@ def _serve(args) -> int:
     from feathertune.models import feathertune_home
     from feathertune.service.server import Settings, parse_models, serve
 
-    for name, value in (("--port", args.port), ("--max-upload-mb", args.max_upload_mb),
-                        ("--workers", args.workers + 1), ("--max-adapters", args.max_adapters)):
-        if value < 1:
-            raise ConfigError(f"{name}={value if name != '--workers' else args.workers}: use a positive number"
-                              + (" (or 0 workers for an API alone)" if name == "--workers" else ""), source="serve")
+    problems = [f"{name}={value}: use a positive number" for name, value in
+                (("--port", args.port), ("--max-upload-mb", args.max_upload_mb),
+                 ("--max-adapters", args.max_adapters), ("--lease-s", args.lease_s)) if value <= 0]
+    if args.workers < 0:
+        problems.append(f"--workers={args.workers}: use 0 (an API alone) or more")
+    if problems:
+        raise ConfigError(problems, source="serve")
     settings = Settings(data_dir=args.data_dir or str(feathertune_home() / "service"),
                         models=parse_models(args.model, DEFAULT_MODEL), host=args.host, port=args.port,
                         database_url=args.database_url, workers=args.workers, worker_only=args.worker,
                         max_upload_mb=args.max_upload_mb, max_adapters=args.max_adapters,
-                        api_key_file=args.api_key_file)
+                        api_key_file=args.api_key_file, lease_s=args.lease_s)
     return serve(settings)
 
 

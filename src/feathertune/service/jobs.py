@@ -174,6 +174,7 @@ def train_config(job: dict[str, Any], *, model_source: str, train_path: str, val
     base_lr = TrainConfig.from_dict(merge_values(options, {"data": {"train": train_path}, "output": output})).train.lr
     steps_per_epoch = max(1, math.ceil(train_examples / hyper["batch_size"]))
     train.setdefault("checkpoint_every", steps_per_epoch)  # one per epoch, as OpenAI keeps them
+    train.setdefault("keep_checkpoints", 3)  # the worker copies each out; 3 leave it time to between polls
     if validation_path is not None:
         train.setdefault("eval_every", train["checkpoint_every"])  # each checkpoint gets a valid_loss
     train.update({"epochs": hyper["n_epochs"], "batch_size": hyper["batch_size"], "seed": job["seed"],
