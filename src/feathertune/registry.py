@@ -95,7 +95,7 @@ def resolve_method(name: str, source: str = "method") -> tuple[MethodSpec, dict[
     Raises:
         ConfigError: an unknown name; the message lists the available ones.
     """
-    if name in VARIANTS:
+    if isinstance(name, str) and name in VARIANTS:  # a list or a mapping (from YAML, a job's JSON) is unhashable
         base, preset = VARIANTS[name]
         return METHODS[base], dict(preset)
     if isinstance(name, str) and name in METHODS:

@@ -73,7 +73,7 @@ class BottleneckConfig(MethodConfig):
         found += positive_int("reduction_factor", self.reduction_factor, "16, 32")
         if self.bottleneck_size is not None:
             found += positive_int("bottleneck_size", self.bottleneck_size, "16 to 256, or None")
-        if self.non_linearity not in fn.BOTTLENECK_ACTIVATIONS:
+        if not isinstance(self.non_linearity, str) or self.non_linearity not in fn.BOTTLENECK_ACTIVATIONS:
             found.append(f"non_linearity={self.non_linearity!r} is not one of "
                          f"{', '.join(fn.BOTTLENECK_ACTIVATIONS)}")
         found += modules_problem("target_modules", self.target_modules,

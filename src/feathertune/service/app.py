@@ -18,13 +18,12 @@ from fastapi import Depends, FastAPI, File, Form, Query, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, StreamingResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from starlette.exceptions import HTTPException
 
 from feathertune.errors import ConfigError
 from feathertune.service import jobs
 from feathertune.service.openai_objects import (
-    OWNER,
     ApiError,
     checkpoint_object,
     error_body,
@@ -36,7 +35,7 @@ from feathertune.service.openai_objects import (
     page,
 )
 from feathertune.service.paths import DataDir, display_name, new_id
-from feathertune.service.store import TERMINAL, Store
+from feathertune.service.store import Store
 
 DASHBOARD = Path(__file__).with_name("dashboard.html")
 PURPOSES = ("fine-tune", "fine-tune-results", "assistants", "batch", "vision", "user_data", "evals")
@@ -45,8 +44,38 @@ CHUNK = 1 << 20
 
 
 # -- request bodies (they also make the OpenAPI schema that schemathesis fuzzes) ------------------
+def _lone_surrogate(value: Any, where: str = "") -> str | None:
+    """Where in a decoded JSON value a string holds a lone UTF-16 surrogate, or None."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return where or "the body"
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            found = (_lone_surrogate(key, f"a key of {where or 'the body'}")
+                     or _lone_surrogate(item, f"{where}.{key}" if where else key))
+            if found:
+                return found
+    elif isinstance(value, list):
+        return next((f for i, item in enumerate(value) if (f := _lone_surrogate(item, f"{where}[{i}]"))), None)
+    return None
+
+
+def _unicode_only(cls, data: Any) -> Any:
+    """JSON can escape a lone surrogate ("\\ud800"), which is no Unicode text: SQLite, the tokenizer
+    and the JSON answer cannot encode it (a 500). A 400 that says where, instead."""
+    where = _lone_surrogate(data)
+    if where is not None:
+        raise ValueError(f"{where} holds a lone UTF-16 surrogate (\\ud800-\\udfff), which is not Unicode text")
+    return data
+
+
+# strict: JSON's types as the schema says them, as OpenAI takes them: "seed": true or "max_tokens":
+# "5" is a 400, not silently 1 and 5.
 class JobBody(BaseModel):
-    model_config = ConfigDict(extra="allow", protected_namespaces=())
+    model_config = ConfigDict(extra="allow", protected_namespaces=(), strict=True)
+    unicode_only = model_validator(mode="before")(_unicode_only)
     model: str
     training_file: str
     validation_file: str | None = None
@@ -61,13 +90,14 @@ class JobBody(BaseModel):
 
 
 class Message(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", strict=True)
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[dict[str, Any]] | None = None
 
 
 class ChatBody(BaseModel):
-    model_config = ConfigDict(extra="allow", protected_namespaces=())
+    model_config = ConfigDict(extra="allow", protected_namespaces=(), strict=True)
+    unicode_only = model_validator(mode="before")(_unicode_only)
     model: str
     messages: list[Message] = Field(min_length=1)
     max_tokens: int | None = Field(None, ge=1, le=4096)
@@ -81,11 +111,29 @@ class ChatBody(BaseModel):
     n: int | None = Field(None, ge=1, le=1)
 
 
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class ErrorResponse(BaseModel):
+    """OpenAI's error shape: what every 4xx and 5xx answer is (declared so in the OpenAPI schema,
+    in place of FastAPI's 422, which this app never sends: a bad body is a 400)."""
+    error: ErrorDetail
+
+
+ERRORS = {"4XX": {"model": ErrorResponse, "description": "An error in OpenAI's shape"},
+          "5XX": {"model": ErrorResponse, "description": "An error in OpenAI's shape"}}
+
+
 def create_app(*, store: Store, data: DataDir, models: dict[str, str], api_keys: list[str], engine=None,
                max_upload_bytes: int = 512 << 20) -> FastAPI:
     """The service's ASGI app. `models`: base name → source (embedded name or model directory);
     `engine`: a chat.ChatEngine (None: chat completions answer 503)."""
-    app = FastAPI(title="feathertune", version="1", description="OpenAI-compatible fine-tuning on your own machine")
+    app = FastAPI(title="feathertune", version="1", description="OpenAI-compatible fine-tuning on your own machine",
+                  responses=ERRORS)
     bearer = HTTPBearer(auto_error=False)
     keys = [k.encode() for k in api_keys]
 
@@ -137,7 +185,8 @@ def create_app(*, store: Store, data: DataDir, models: dict[str, str], api_keys:
         data.file(row["stored_name"]).unlink(missing_ok=True)
         return {"id": file_id, "object": "file", "deleted": True}
 
-    @app.get("/v1/files/{file_id}/content", dependencies=auth)
+    @app.get("/v1/files/{file_id}/content", dependencies=auth,
+             responses={200: {"content": {"application/octet-stream": {}}, "description": "The file's bytes"}})
     def file_content(file_id: str):
         row = file_row(file_id)
         return FileResponse(data.file(row["stored_name"]), media_type="application/octet-stream",
@@ -246,7 +295,9 @@ def create_app(*, store: Store, data: DataDir, models: dict[str, str], api_keys:
         return {"id": model_id, "object": "model", "deleted": True}
 
     # -- chat completions -------------------------------------------------------------------
-    @app.post("/v1/chat/completions", dependencies=auth)
+    @app.post("/v1/chat/completions", dependencies=auth,
+              responses={200: {"content": {"text/event-stream": {}}, "description": "A completion, or its chunks "
+                                                                                   "as server-sent events"}})
     def chat_completions(body: ChatBody):
         if engine is None:
             raise ApiError(503, "this server runs no chat engine (started with --worker?)", type="server_error")
@@ -368,14 +419,22 @@ def _install_error_handlers(app: FastAPI) -> None:
         message = exc.detail if isinstance(exc.detail, str) else json.dumps(exc.detail)
         if exc.status_code == 404:
             message = "Not found: no such route. The API is under /v1 (files, fine_tuning/jobs, models, chat/completions)."
-        return JSONResponse(error_body(message, kind, None, None), status_code=exc.status_code)
+        # Keep the exception's headers: a 405 must say `Allow` (RFC 9110).
+        return JSONResponse(error_body(message, kind, None, None), status_code=exc.status_code, headers=exc.headers)
 
     @app.exception_handler(RequestValidationError)
     async def invalid_body(_: Request, exc: RequestValidationError):
         first = exc.errors()[0] if exc.errors() else {}
+        if first.get("type") == "json_invalid":  # its loc is a character offset, not a parameter
+            position, reason = first["loc"][-1], (first.get("ctx") or {}).get("error", "")
+            message = f"The body is not valid JSON (at character {position}{': ' + reason if reason else ''})"
+            return JSONResponse(error_body(message, "invalid_request_error", None, "invalid_json"), status_code=400)
         where = [str(p) for p in first.get("loc", ()) if p not in ("body", "query", "path", "form")]
         param = ".".join(where) or None
-        message = f"Invalid request: {param + ': ' if param else ''}{first.get('msg', 'the body is not valid')}"
+        reason = first.get("msg", "the body is not valid").removeprefix("Value error, ")  # a validator's ValueError
+        message = f"Invalid request: {param + ': ' if param else ''}{reason}"
+        if param is None and first.get("type") in ("missing", "model_attributes_type", "dict_type"):  # no object
+            message = "Invalid request: the body must be a JSON object (Content-Type: application/json)"
         code = "missing_required_parameter" if first.get("type") == "missing" else "invalid_request"
         return JSONResponse(error_body(message, "invalid_request_error", param, code), status_code=400)
 
@@ -385,15 +444,43 @@ def _install_error_handlers(app: FastAPI) -> None:
 
 
 def _limit_uploads(app: FastAPI, limit: int) -> None:
-    """Refuse an upload by its Content-Length before reading it (413); a body that gives none is
-    counted as it is copied (upload())."""
+    """Refuse an upload over `limit` (413): by its Content-Length before reading it, or, sent without
+    one (chunked), once the bytes received pass it, so that nothing past the limit is read or spooled
+    to disk by the multipart parser. upload() counts the file itself again as it copies it."""
+    allowed = limit + (64 << 10)  # a little over: the multipart envelope
+    refusal = error_body(f"The file is larger than this server's limit of {limit // (1 << 20)} MB (--max-upload-mb)",
+                         "invalid_request_error", "file", "file_too_large")
 
-    @app.middleware("http")
-    async def refuse_large(request: Request, call_next):
-        length = request.headers.get("content-length", "")
-        if request.method == "POST" and request.url.path == "/v1/files" and length.isdigit() \
-                and int(length) > limit + (64 << 10):  # a little over: the multipart envelope
-            return JSONResponse(error_body(f"The file is larger than this server's limit of {limit // (1 << 20)} MB "
-                                           f"(--max-upload-mb)", "invalid_request_error", "file", "file_too_large"),
-                                status_code=413)
-        return await call_next(request)
+    # Plain ASGI: BaseHTTPMiddleware cannot stop the app reading the body. (FastAPI's route-level
+    # max_body_size answers a 413 as text/plain, not in OpenAI's shape.)
+    class UploadLimit:
+        def __init__(self, inner):
+            self.inner = inner
+
+        async def __call__(self, scope, receive, send):
+            if scope["type"] != "http" or scope["method"] != "POST" or scope["path"] != "/v1/files":
+                return await self.inner(scope, receive, send)
+            length = dict(scope["headers"]).get(b"content-length", b"")
+            if length.isdigit() and int(length) > allowed:
+                return await JSONResponse(refusal, status_code=413)(scope, receive, send)
+            received, over = 0, False
+
+            async def counted():
+                nonlocal received, over
+                message = await receive()
+                if message["type"] == "http.request":
+                    received += len(message.get("body", b""))
+                    if received > allowed:  # the app reads no further; its answer gives way to the 413
+                        over = True
+                        return {"type": "http.disconnect"}
+                return message
+
+            async def unless_over(message):
+                if not over:
+                    await send(message)
+
+            await self.inner(scope, counted, unless_over)
+            if over:
+                await JSONResponse(refusal, status_code=413)(scope, receive, send)
+
+    app.add_middleware(UploadLimit)

@@ -38,6 +38,8 @@ from feathertune.wrapping import BASE, CACHE_ARGUMENTS
 
 DEFAULT_MAX_TOKENS = 256  # when a request gives none (and the context has room for that many)
 MAX_STOP_STRINGS = 4  # OpenAI's limit
+# A temperature this small is greedy in all but name, and logits / 1e-300 overflow to inf and NaN.
+GREEDY_BELOW = 1e-4
 
 
 @dataclass
@@ -479,7 +481,7 @@ class _Row:
 def _generator(request: ChatRequest, device: torch.device) -> torch.Generator | None:
     """The request's own random stream (None for greedy): seeded, so that it samples the same text
     whatever shares its batch, or from fresh entropy."""
-    if request.temperature == 0:
+    if request.temperature < GREEDY_BELOW:
         return None
     generator = torch.Generator(device=device)
     if request.seed is None:
@@ -602,7 +604,10 @@ def sample(logits: torch.Tensor, temperature: float, top_p: float, generator: to
     probs = torch.softmax(logits / temperature, dim=-1)  # (V,)
     if top_p < 1:
         sorted_probs, order = probs.sort(descending=True)
-        # A token stays if the tokens more likely than it hold less than top_p: the first always stays.
-        sorted_probs[(sorted_probs.cumsum(-1) - sorted_probs) >= top_p] = 0
+        # A token stays if the tokens more likely than it hold less than top_p; the most likely one
+        # always stays, however small top_p is (or rounds to, in float32).
+        cut = (sorted_probs.cumsum(-1) - sorted_probs) >= top_p
+        cut[0] = False
+        sorted_probs[cut] = 0
         probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
     return int(torch.multinomial(probs, 1, generator=generator))  # multinomial renormalises

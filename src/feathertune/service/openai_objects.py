@@ -7,6 +7,7 @@ fine_tuning_job_event.py, jobs/fine_tuning_job_checkpoint.py, model.py, chat/cha
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 OWNER = "feathertune"  # `owned_by` / `organization_id`: one local organisation
@@ -34,7 +35,8 @@ def error_body(message: str, type: str, param: str | None = None, code: str | No
 
 
 def not_found(kind: str, object_id: str, param: str) -> ApiError:
-    return ApiError(404, f"No such {kind}: {object_id!r}", param=param, code=f"{kind.replace(' ', '_')}_not_found")
+    code = re.sub(r"[^a-z]+", "_", kind.lower()) + "_not_found"  # "fine-tuning job" → fine_tuning_job_not_found
+    return ApiError(404, f"No such {kind}: {object_id!r}", param=param, code=code)
 
 
 def page(data: list[dict[str, Any]], has_more: bool) -> dict[str, Any]:
