@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import hmac
 import json
+import sys
 import time
+import traceback
 from pathlib import Path
 from typing import Any, Iterator, Literal
 
@@ -439,8 +441,12 @@ def _install_error_handlers(app: FastAPI) -> None:
         return JSONResponse(error_body(message, "invalid_request_error", param, code), status_code=400)
 
     @app.exception_handler(Exception)
-    async def crashed(_: Request, exc: Exception):
-        return JSONResponse(error_body(f"internal error: {type(exc).__name__}: {exc}", "server_error"), status_code=500)
+    async def crashed(request: Request, exc: Exception):
+        # The trace goes to the server's log; the answer names the kind of failure only, since the
+        # text of an unexpected exception may hold the server's paths.
+        traceback.print_exception(exc, file=sys.stderr)
+        return JSONResponse(error_body(f"internal error ({type(exc).__name__}) while serving {request.url.path}; "
+                                       f"the server's log has the details", "server_error"), status_code=500)
 
 
 def _limit_uploads(app: FastAPI, limit: int) -> None:
