@@ -238,6 +238,9 @@ class _Backend:
                 self._all.append(conn)
         return conn
 
+    def all(self, sql: str, params: tuple = ()) -> list[dict[str, Any]]:
+        return self._run(self._connection(), sql, params, True)
+
     def one(self, sql: str, params: tuple = ()) -> dict[str, Any] | None:
         rows = self.all(sql, params)
         return rows[0] if rows else None
@@ -287,9 +290,6 @@ class _Sqlite(_Backend):
         cursor = conn.execute(sql, params)
         return [dict(r) for r in cursor.fetchall()] if fetch else cursor.rowcount
 
-    def all(self, sql: str, params: tuple = ()) -> list[dict[str, Any]]:
-        return self._run(self._connection(), sql, params, True)
-
     @contextlib.contextmanager
     def transaction(self) -> Iterator[_Cursor]:
         conn = self._connection()
@@ -309,8 +309,10 @@ class _Postgres(_Backend):
 
     def __init__(self, url: str):
         super().__init__()
-        import psycopg  # noqa: F401  (fail here, with the url, if it is missing)
+        import importlib.util
 
+        if importlib.util.find_spec("psycopg") is None:  # say so now, with the url, not at the first query
+            raise ValueError(f"{url}: PostgreSQL needs psycopg 3 (pip install 'psycopg[binary]')")
         self.url = url
 
     def _connect(self):
@@ -337,9 +339,6 @@ class _Postgres(_Backend):
         with conn.cursor() as cursor:
             cursor.execute(self._sql(sql), params)
             return [dict(r) for r in cursor.fetchall()] if fetch else cursor.rowcount
-
-    def all(self, sql: str, params: tuple = ()) -> list[dict[str, Any]]:
-        return self._run(self._connection(), sql, params, True)
 
     @contextlib.contextmanager
     def transaction(self) -> Iterator[_Cursor]:
