@@ -224,7 +224,9 @@ def create_app(*, store: Store, data: DataDir, models: dict[str, str], api_keys:
     def stop_job(job_id: str, action: str) -> dict:
         row = job_row(job_id)
         target = {"cancel": "cancelled", "pause": "paused"}[action]
-        waiting = ("validating_files", "queued") + (("paused",) if action == "cancel" else ())
+        # A job whose files are still being validated can be cancelled, not paused: it would resume
+        # into training with its files unchecked.
+        waiting = ("validating_files", "queued", "paused") if action == "cancel" else ("queued",)
         finished = int(time.time()) if action == "cancel" else None
         if store.update_job(job_id, when_status=waiting, status=target, worker=None, finished_at=finished):
             _event(store, job_id, f"The job was {target}")
