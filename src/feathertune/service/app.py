@@ -170,11 +170,14 @@ def create_app(*, store: Store, data: DataDir, models: dict[str, str], api_keys:
                                 newest_first=order == "desc")
         return page([file_object(r) for r in rows], more)
 
-    def file_row(file_id: str) -> dict:
-        row = store.get("files", file_id)
+    def existing(table: str, row_id: str, kind: str, param: str) -> dict:
+        row = store.get(table, row_id)
         if row is None:
-            raise not_found("file", file_id, "file_id")
+            raise not_found(kind, row_id, param)
         return row
+
+    def file_row(file_id: str) -> dict:
+        return existing("files", file_id, "file", "file_id")
 
     @app.get("/v1/files/{file_id}", dependencies=auth)
     def get_file(file_id: str) -> dict:
@@ -196,10 +199,7 @@ def create_app(*, store: Store, data: DataDir, models: dict[str, str], api_keys:
 
     # -- fine-tuning jobs -------------------------------------------------------------------
     def job_row(job_id: str) -> dict:
-        row = store.get("jobs", job_id)
-        if row is None:
-            raise not_found("fine-tuning job", job_id, "fine_tuning_job_id")
-        return row
+        return existing("jobs", job_id, "fine-tuning job", "fine_tuning_job_id")
 
     @app.post("/v1/fine_tuning/jobs", dependencies=auth)
     def create_job(body: JobBody) -> dict:
