@@ -184,16 +184,16 @@ def test_train_and_validation_of_different_kinds_are_named_before_anything_loads
 
 
 def test_a_run_that_dies_before_its_first_checkpoint_does_not_block_a_rerun(workspace, monkeypatch, capsys):
-    from feathertune.train import loop
+    from feathertune import loss
 
     root, config = workspace
     out = root / "runs" / "died-early"
     cfg = write_config(root, short(config, steps=2), "died-early")
-    original = loop._loss_sum
-    monkeypatch.setattr(loop, "_loss_sum", lambda *a, **k: original(*a, **k) * float("nan"))
+    original = loss.loss_sum
+    monkeypatch.setattr(loss, "loss_sum", lambda *a, **k: original(*a, **k) * float("nan"))
     assert cli(["train", str(cfg), f"output={out}"]) == 2
     assert "the loss is nan" in capsys.readouterr().err
-    monkeypatch.setattr(loop, "_loss_sum", original)
+    monkeypatch.setattr(loss, "loss_sum", original)
     assert cli(["train", str(cfg), f"output={out}"]) == 0
     assert metric_steps(out) == [1, 2]  # the failed attempt's records are gone
 

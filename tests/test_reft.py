@@ -23,7 +23,7 @@ import feathertune as ft
 from feathertune import functional as fn
 from feathertune.inspect import describe
 from feathertune.methods.reft import ReftBlock, ReftConfig, ReftIntervention
-from feathertune.train import loop
+from feathertune import loss
 from feathertune.wrapping import BASE, wrapped_layers
 from models import BUILDERS, SmallCNN, random_ids
 
@@ -289,7 +289,7 @@ def test_the_training_loop_passes_the_prompt_of_each_row():
     """Real tokens before the first supervised one, right padding; a row learned from its first token counts whole."""
     labels = torch.tensor([[-100, -100, -100, 5, 6, -100], [-100, 7, 8, -100, -100, -100], [1, 2, 3, 4, -100, -100]])
     mask = torch.tensor([[1, 1, 1, 1, 1, 0], [1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 0, 0]])
-    assert loop._prompt_lengths(labels, mask).tolist() == [3, 1, 4]
+    assert loss.prompt_lengths(labels, mask).tolist() == [3, 1, 4]
 
 
 # --- generation ---------------------------------------------------------------------------------------

@@ -271,12 +271,12 @@ def test_a_classification_run_trains_the_head_and_reports_accuracy(workspace):
 
 
 def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_checkpoint(workspace, monkeypatch, capsys):
-    from feathertune.train import loop
+    from feathertune import loss
 
     root, config = workspace
     out = root / "runs" / "diverged"
     cfg = write_config(root, config, "diverged", output=str(out))
-    original = loop._loss_sum
+    original = loss.loss_sum
     calls = []
 
     def poisoned(*args, **kwargs):
@@ -284,7 +284,7 @@ def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_checkpoint(workspace
         value = original(*args, **kwargs)
         return value * float("nan") if len(calls) == 3 else value  # the third step diverges
 
-    monkeypatch.setattr(loop, "_loss_sum", poisoned)
+    monkeypatch.setattr(loss, "loss_sum", poisoned)
     assert cli(["train", str(cfg)]) == 2
     err = capsys.readouterr().err
     assert "step 3: the loss is nan" in err and "step-000002" in err and "train.lr" in err, err

@@ -18,12 +18,10 @@ from collections.abc import Iterable, Iterator
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 from feathertune.errors import ConfigError, DataError
 from feathertune.files import write_atomic
-
-IGNORE_INDEX = -100  # labels with this value are not supervised (prompt tokens, padding)
+from feathertune.loss import IGNORE_INDEX, loss_sum
 
 
 def bleu(hypotheses: list[str], references: list[list[str]]) -> float:
@@ -219,17 +217,16 @@ def language_model_loss(model, batches: Iterable[dict[str, torch.Tensor]]) -> di
             if "labels" not in batch:
                 raise ConfigError(f"batch {n} has keys {sorted(batch)} but no 'labels'",
                                   source="language_model_loss")
-            logits = _logits_of(model, batch, device)  # (B, T, V)
-            labels = batch["labels"].to(device)  # (B, T)
-            if labels.shape != logits.shape[:2]:
-                raise ConfigError(f"batch {n}: labels have shape {tuple(labels.shape)} but the "
-                                  f"logits {tuple(logits.shape)}; labels must be (batch, sequence)",
+            inputs = {k: v.to(device) for k, v in batch.items()}
+            labels = inputs["labels"]  # (B, T)
+            if labels.shape != inputs["input_ids"].shape:
+                raise ConfigError(f"batch {n}: labels have shape {tuple(labels.shape)} but the input_ids "
+                                  f"{tuple(inputs['input_ids'].shape)}; labels must be (batch, sequence)",
                                   source="language_model_loss")
-            shifted_logits = logits[:, :-1].flatten(0, 1).float()  # (B*(T-1), V)
-            shifted_labels = labels[:, 1:].flatten()  # (B*(T-1),)
-            total += F.cross_entropy(shifted_logits, shifted_labels, ignore_index=IGNORE_INDEX,
-                                     reduction="sum").item()
-            tokens += int((shifted_labels != IGNORE_INDEX).sum())
+            if "attention_mask" not in inputs:
+                inputs["attention_mask"] = torch.ones_like(labels)
+            total += loss_sum(model, inputs).item()  # the training step's own loss
+            tokens += int((labels[:, 1:] != IGNORE_INDEX).sum())
     if tokens == 0:
         raise DataError(["no supervised tokens: every label (after the causal shift) is -100; check "
                          "that answers survive truncation and that the loader gave any batches"])

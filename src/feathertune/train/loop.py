@@ -14,18 +14,15 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import inspect
 import math
 import sys
 import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from feathertune.adapters import (
-    STATE,
     adapter_parameters,
     attach,
     disabled,
@@ -38,9 +35,12 @@ from feathertune.data import Tokenized, batch_indices, collate, read_examples, t
 from feathertune.errors import ConfigError, FeathertuneError
 from feathertune.files import write_atomic
 from feathertune.models import load_model, save_model_directory
+from feathertune import loss as objective
+from feathertune.loss import mean_loss
 from feathertune.train import distributed, state
 from feathertune.train.config import TrainConfig, load_config, resume_changes
 from feathertune.train.metrics import MetricsLog, plot_losses
+from feathertune.train.report import final_report
 
 
 FULL = "full"  # the method whose run also writes a plain model directory
@@ -98,7 +98,33 @@ def run(config: TrainConfig, *, resume: bool = False, log=print, stop=None) -> R
 
 
 def _run(config: TrainConfig, resume: bool, procs: distributed.Processes, say, stop) -> RunResult:
-    # 1. Everything that can be checked without training, before anything is written.
+    plan = _plan(config, resume, procs, say)
+    training = _Training(plan, resume, procs, say)
+    summary = training.train(stop)
+    return training.finish(summary)
+
+
+@dataclasses.dataclass
+class _Plan:
+    """What a run will do, settled (and checked) before anything is written."""
+
+    config: TrainConfig  # as the run uses and saves it: absolute paths, task, labels
+    task: str
+    out: Path
+    checkpoints: list[tuple[int, Path]]  # those already in `out` (a resume's)
+    val_set: object | None
+    model: nn.Module
+    tokenizer: object
+    train_tok: Tokenized
+    val_tok: Tokenized | None
+    global_batch: int
+    steps_per_epoch: int
+    total_steps: int
+
+
+def _plan(config: TrainConfig, resume: bool, procs: distributed.Processes, say) -> _Plan:
+    """Everything that can be checked without training, then the model, its adapter and the tokens.
+    A failed check leaves nothing behind: the run directory does not exist yet."""
     train_set, val_set = _read_data(config.data)
     task = _task(config.task, train_set, val_set, config.train.lp_steps)
     config = _resolved(config, task, train_set)
@@ -106,115 +132,180 @@ def _run(config: TrainConfig, resume: bool, procs: distributed.Processes, say, s
     existing = _check_output(out, resume)
     if resume:
         _check_resume(out, config, say)
-    # 2. Model and adapter.
     model, tokenizer = _prepare_model(config, task, procs, say)
-
-    # 3. Tokens and the step plan.
     train_tok = _tokenize("train", train_set, tokenizer, config.data.max_length, say)
     val_tok = _tokenize("validation", val_set, tokenizer, config.data.max_length, say) if val_set else None
     global_batch = loop.batch_size * loop.grad_accum * procs.world
     steps_per_epoch = math.ceil(len(train_tok.rows) / global_batch)
     total_steps = loop.max_steps or max(1, math.ceil(loop.epochs * steps_per_epoch))
+    return _Plan(config, task, out, existing, val_set, model, tokenizer, train_tok, val_tok, global_batch,
+                 steps_per_epoch, total_steps)
 
-    optimizer = build_optimizer(loop, [p for p in model.parameters() if p.requires_grad], procs.device, say)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(loop.schedule, loop.warmup_steps, total_steps))
-    start = 0
-    if resume:
-        step, path = _resume_point(out, existing, total_steps, loop)
-        state.load_checkpoint(path, model, optimizer, scheduler)
-        start = step
-        say(f"resuming from {path} (step {step} of {total_steps})")
-    pad_id = tokenizer.pad_token_id
 
-    def validation_loss() -> float:
-        return _validation_loss(model, val_tok, pad_id, task, config.eval.batch_size)
+class _Training:
+    """One run's optimizer, schedule, metrics log and checkpoints, stepped from its start (0, or
+    the checkpoint it resumes) to the plan's last step."""
 
-    measure_base = val_tok is not None and loop.eval_every and start == 0 and procs.is_main
-    base_loss = None
-    if measure_base:  # the base itself: an adapter that is not zero-initialised (prompts) already differs
-        with disabled(model):
-            base_loss = validation_loss()
-    metrics = _open_run_directory(out, config, start if resume else None, procs)
-    if base_loss is not None and metrics is not None:
-        metrics.write({"step": 0, "eval_loss": base_loss})  # the curve's starting point in loss.png
-    wrapped = _ddp(model, procs, find_unused=loop.lp_steps > 0)  # the probe steps leave the rest without grads
-    probe = LinearProbe(model, loop.lp_steps)
+    def __init__(self, plan: _Plan, resume: bool, procs: distributed.Processes, say):
+        self.plan, self.procs, self.say = plan, procs, say
+        self.loop = loop = plan.config.train
+        self.pad_id = plan.tokenizer.pad_token_id
+        params = [p for p in plan.model.parameters() if p.requires_grad]
+        self.optimizer = build_optimizer(loop, params, procs.device, say)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, _schedule(loop.schedule, loop.warmup_steps, plan.total_steps))
+        self.start = self._resume() if resume else 0
+        measure_base = plan.val_tok is not None and loop.eval_every and self.start == 0 and procs.is_main
+        self.base_loss = None
+        if measure_base:  # the base itself: an adapter that is not zero-initialised (prompts) already differs
+            with disabled(plan.model):
+                self.base_loss = self.validation_loss()
+        self.metrics = _open_run_directory(plan.out, plan.config, self.start if resume else None, procs)
+        if self.base_loss is not None and self.metrics is not None:
+            self.metrics.write({"step": 0, "eval_loss": self.base_loss})  # the curve's starting point in loss.png
+        self.wrapped = _ddp(plan.model, procs, find_unused=loop.lp_steps > 0)  # the probe's steps leave the rest without grads
+        self.probe = LinearProbe(plan.model, loop.lp_steps)
+        self.batches = _EpochBatches(plan.train_tok.lengths, plan.global_batch, plan.steps_per_epoch, loop)
+        self.throughput = _Throughput()
 
-    # 4. Train.
-    progress = _progress(procs, start, total_steps)
-    epoch_cache: dict[int, list[list[int]]] = {}
-    t_last, tokens_since = time.perf_counter(), 0.0
-    model.train()
-    memory = PeakMemory(procs.device)
-    started = time.perf_counter()
-    for step in range(start, total_steps):
-        epoch, index = divmod(step, steps_per_epoch)
-        if epoch not in epoch_cache:
-            epoch_cache = {epoch: batch_indices(train_tok.lengths, global_batch, seed=loop.seed, epoch=epoch,
-                                                shuffle=loop.shuffle, group_by_length=loop.group_by_length)}
-        batch = epoch_cache[epoch][index % len(epoch_cache[epoch])]
-        probe.before_step(step)
-        loss_sum, count, tokens = _train_step(wrapped, model, train_tok, batch, pad_id, task, loop, procs)
+    def _resume(self) -> int:
+        step, path = _resume_point(self.plan.out, self.plan.checkpoints, self.plan.total_steps, self.loop)
+        state.load_checkpoint(path, self.plan.model, self.optimizer, self.scheduler)
+        self.say(f"resuming from {path} (step {step} of {self.plan.total_steps})")
+        return step
+
+    def validation_loss(self) -> float:
+        plan = self.plan
+        return mean_loss(plan.model, plan.val_tok, self.pad_id, plan.task, plan.config.eval.batch_size)
+
+    def train(self, stop) -> dict:
+        """Every remaining step; returns the training phase's time and peak memory."""
+        plan = self.plan
+        progress = _progress(self.procs, self.start, plan.total_steps)
+        plan.model.train()
+        memory = PeakMemory(self.procs.device)
+        started = time.perf_counter()
+        for step in range(self.start, plan.total_steps):
+            loss, tokens = self.step(step)
+            done = step + 1
+            self.log(done, loss, tokens, progress)
+            progress.update(1)
+            self.evaluate(done)
+            if self.checkpoint(done, stop):
+                progress.close()
+                if self.metrics is not None:
+                    self.metrics.close()
+                raise RunStopped(done, plan.out / "checkpoints" / f"step-{done:06d}")
+        progress.close()
+        return {"train_seconds": round(time.perf_counter() - started, 1), "peak_memory_mib": memory.peak_mib()}
+
+    def step(self, step: int) -> tuple[float, float]:
+        """One optimizer step on the global batch of `step`; returns its loss and its tokens."""
+        plan, procs, loop = self.plan, self.procs, self.loop
+        self.probe.before_step(step)
+        loss_sum, count, tokens = _train_step(self.wrapped, plan.train_tok, self.batches.at(step), self.pad_id,
+                                              plan.task, loop, procs)
         loss_sum, count, tokens = distributed.sum_across(procs, [loss_sum, count, tokens])
         loss = loss_sum / max(count, 1)
         if distributed.broadcast_flag(procs, not math.isfinite(loss)):
-            kept = state.checkpoints(out)
+            kept = state.checkpoints(plan.out)
             where = f"the last good checkpoint is {kept[-1][1]}" if kept else "no checkpoint was written yet"
             raise TrainingDiverged(f"step {step + 1}: the loss is {loss}; stopped ({where}). Lower train.lr "
                                    f"(now {loop.lr}) or set train.max_grad_norm, then --resume or start again.")
         if loop.max_grad_norm:
-            torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], loop.max_grad_norm)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        done = step + 1
-        tokens_since += tokens
-        if metrics is not None and (done % loop.log_every == 0 or done == total_steps):
-            now = time.perf_counter()
-            metrics.write({"step": done, "epoch": round(done / steps_per_epoch, 4), "loss": loss,
-                           "lr": scheduler.get_last_lr()[0], "tokens": int(tokens_since),
-                           "tokens_per_s": tokens_since / max(now - t_last, 1e-9)})
-            progress.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tokens_since / max(now - t_last, 1e-9):.0f}")
-            t_last, tokens_since = now, 0.0
-        progress.update(1)
-        if val_tok is not None and loop.eval_every and done % loop.eval_every == 0 and done != total_steps:
-            eval_loss = validation_loss()
-            if metrics is not None:
-                metrics.write({"step": done, "eval_loss": eval_loss})
-            model.train()
-        saved = loop.checkpoint_every and done % loop.checkpoint_every == 0
-        stopping = stop is not None and done != total_steps and distributed.broadcast_flag(procs, bool(stop()))
-        if (saved or stopping) and done != total_steps and procs.is_main:
-            state.save_checkpoint(out, done, model, optimizer, scheduler, max(loop.keep_checkpoints, 1),
-                                  {"epoch": epoch, "total_steps": total_steps})
+            torch.nn.utils.clip_grad_norm_([p for p in plan.model.parameters() if p.requires_grad], loop.max_grad_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss, tokens
+
+    def log(self, done: int, loss: float, tokens: float, progress) -> None:
+        """A metrics.jsonl record every log_every steps (and at the end), with the tokens since the last."""
+        self.throughput.add(tokens)
+        if self.metrics is None or not (done % self.loop.log_every == 0 or done == self.plan.total_steps):
+            return
+        count, per_second = self.throughput.take()
+        self.metrics.write({"step": done, "epoch": round(done / self.plan.steps_per_epoch, 4), "loss": loss,
+                            "lr": self.scheduler.get_last_lr()[0], "tokens": count, "tokens_per_s": per_second})
+        progress.set_postfix(loss=f"{loss:.3f}", tok_s=f"{per_second:.0f}")
+
+    def evaluate(self, done: int) -> None:
+        """The validation loss every eval_every steps (the last step's comes with the report)."""
+        if self.plan.val_tok is None or not self.loop.eval_every or done % self.loop.eval_every or \
+                done == self.plan.total_steps:
+            return
+        eval_loss = self.validation_loss()
+        if self.metrics is not None:
+            self.metrics.write({"step": done, "eval_loss": eval_loss})
+        self.plan.model.train()
+
+    def checkpoint(self, done: int, stop) -> bool:
+        """Write a checkpoint every checkpoint_every steps, and when `stop()` asks for the run to
+        end (then True). The last step writes the adapter instead."""
+        plan, procs, loop = self.plan, self.procs, self.loop
+        due = loop.checkpoint_every and done % loop.checkpoint_every == 0
+        stopping = stop is not None and done != plan.total_steps and distributed.broadcast_flag(procs, bool(stop()))
+        if (due or stopping) and done != plan.total_steps and procs.is_main:
+            state.save_checkpoint(plan.out, done, plan.model, self.optimizer, self.scheduler,
+                                  max(loop.keep_checkpoints, 1),
+                                  {"epoch": (done - 1) // plan.steps_per_epoch, "total_steps": plan.total_steps})
         distributed.barrier(procs)
-        if stopping:
-            progress.close()
-            if metrics is not None:
-                metrics.close()
-            raise RunStopped(done, out / "checkpoints" / f"step-{done:06d}")
-    progress.close()
-    training = {"train_seconds": round(time.perf_counter() - started, 1), "peak_memory_mib": memory.peak_mib()}
+        return stopping
 
-    # 5. The adapter, then the evaluation and the report (main process only).
-    adapter_dir = out / "adapter"
-    result_metrics: dict = {}
-    if procs.is_main:
-        save_adapter(model, adapter_dir)
-        from feathertune.train.report import final_report
+    def finish(self, training: dict) -> RunResult:
+        """The adapter, then the evaluation, the report and the loss plot (main process only)."""
+        plan, procs = self.plan, self.procs
+        config, out = plan.config, plan.out
+        adapter_dir = out / "adapter"
+        result_metrics: dict = {}
+        if procs.is_main:
+            save_adapter(plan.model, adapter_dir)
+            result_metrics = final_report(plan.model, plan.tokenizer, config, plan.task, plan.val_set, plan.val_tok,
+                                          out, self.say, validation_loss=self.validation_loss,
+                                          base_eval_loss=self.base_loss, training=training)
+            if self.metrics is not None and "eval_loss" in result_metrics:
+                self.metrics.write({"step": plan.total_steps, "eval_loss": result_metrics["eval_loss"]})
+            self.metrics.close()
+            plot_losses(out / "metrics.jsonl", out / "loss.png", title=f"{config.model} + {config.method}")
+            if config.method == FULL:  # what people deploy a full fine-tune as: a plain model directory
+                save_model_directory(merge(plan.model), plan.tokenizer, out / "model")
+                self.say(f"full model written to {out / 'model'} (transformers' from_pretrained loads it)")
+        distributed.barrier(procs)
+        return RunResult(output=out, adapter=adapter_dir, steps=plan.total_steps, metrics=result_metrics)
 
-        result_metrics = final_report(model, tokenizer, config, task, val_set, val_tok, out, say,
-                                      validation_loss=validation_loss, base_eval_loss=base_loss,
-                                      training=training)
-        if metrics is not None and "eval_loss" in result_metrics:
-            metrics.write({"step": total_steps, "eval_loss": result_metrics["eval_loss"]})
-        metrics.close()
-        plot_losses(out / "metrics.jsonl", out / "loss.png", title=f"{config.model} + {config.method}")
-        if config.method == FULL:  # what people deploy a full fine-tune as: a plain model directory
-            save_model_directory(merge(model), tokenizer, out / "model")
-            say(f"full model written to {out / 'model'} (transformers' from_pretrained loads it)")
-    distributed.barrier(procs)
-    return RunResult(output=out, adapter=adapter_dir, steps=total_steps, metrics=result_metrics)
+
+class _EpochBatches:
+    """The global batch of each step: each epoch's order drawn once (seeded by the epoch, so a
+    resumed run draws the same), the current epoch's kept."""
+
+    def __init__(self, lengths: list[int], global_batch: int, steps_per_epoch: int, loop):
+        self.lengths, self.global_batch, self.steps_per_epoch, self.loop = lengths, global_batch, steps_per_epoch, loop
+        self.epoch, self.order = None, []
+
+    def at(self, step: int) -> list[int]:
+        epoch, index = divmod(step, self.steps_per_epoch)
+        if epoch != self.epoch:
+            loop = self.loop
+            self.order = batch_indices(self.lengths, self.global_batch, seed=loop.seed, epoch=epoch,
+                                       shuffle=loop.shuffle, group_by_length=loop.group_by_length)
+            self.epoch = epoch
+        return self.order[index % len(self.order)]
+
+
+class _Throughput:
+    """Tokens since the last log line, and their rate."""
+
+    def __init__(self):
+        self.since, self.tokens = time.perf_counter(), 0.0
+
+    def add(self, tokens: float) -> None:
+        self.tokens += tokens
+
+    def take(self) -> tuple[int, float]:
+        now = time.perf_counter()
+        count, rate = int(self.tokens), self.tokens / max(now - self.since, 1e-9)
+        self.since, self.tokens = now, 0.0
+        return count, rate
 
 
 def _read_data(data_cfg):
@@ -384,7 +475,7 @@ def _tokenize(name: str, examples, tokenizer, max_length: int, say) -> Tokenized
     return tokens
 
 
-def _train_step(wrapped, model, data: Tokenized, batch: list[int], pad_id: int, task: str, loop, procs):
+def _train_step(wrapped, data: Tokenized, batch: list[int], pad_id: int, task: str, loop, procs):
     """Forward/backward this process's share of one global batch; returns (loss sum, count, tokens)."""
     share = _split(batch, procs.world)[procs.rank]
     weight = 1.0
@@ -392,20 +483,20 @@ def _train_step(wrapped, model, data: Tokenized, batch: list[int], pad_id: int, 
         share, weight = batch[:1], 0.0
     micro = [m for m in _split(share, loop.grad_accum) if m]
     # Every process counts the whole global batch's targets itself: no communication needed.
-    denominator = sum(_targets(data.rows[i], task) for i in batch)
+    denominator = sum(objective.target_count(data.rows[i], task) for i in batch)
     scale = weight * procs.world / max(denominator, 1)  # DDP averages gradients over processes
-    loss_sum, tokens = 0.0, 0
+    summed_loss, tokens = 0.0, 0
     for k, indices in enumerate(micro):
         inputs = _to(collate([data.rows[i] for i in indices], pad_id), procs.device)
         last = k == len(micro) - 1
         sync = wrapped.no_sync() if procs.distributed and not last else contextlib.nullcontext()
         with sync:
             with _autocast(loop.precision, procs.device):
-                summed = _loss_sum(wrapped, inputs, task)
+                summed = objective.loss_sum(wrapped, inputs, task)
             (summed * scale).backward()
-        loss_sum += weight * summed.item()
+        summed_loss += weight * summed.item()
         tokens += int(weight * inputs["attention_mask"].sum())
-    return loss_sum, (denominator if procs.is_main else 0), tokens
+    return summed_loss, (denominator if procs.is_main else 0), tokens
 
 
 def _classification_head(model: nn.Module) -> str | None:
@@ -469,75 +560,16 @@ def _split(items: list[int], parts: int) -> list[list[int]]:
     return out
 
 
-def _loss_sum(model, inputs: dict[str, torch.Tensor], task: str) -> torch.Tensor:
-    """Summed cross-entropy: over supervised tokens (causal LM) or examples (classification)."""
-    if task == "classification":
-        logits = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits
-        return F.cross_entropy(logits.float(), inputs["labels"], reduction="sum")
-    labels = inputs["labels"]  # (B, T), -100 where there is no loss
-    length = labels.shape[1]
-    keep = _logits_needed(labels)
-    kwargs = {"logits_to_keep": keep} if keep < length and _accepts_logits_to_keep(model) else {}
-    if STATE in getattr(model, "module", model).__dict__:  # feathertune's pre-hook takes it; a plain model would not
-        kwargs["prompt_lengths"] = _prompt_lengths(labels, inputs["attention_mask"])
-    # Only positions that predict a supervised token need the vocabulary-sized output head: with
-    # prompts masked, that skips most of its cost (and its largest activations).
-    logits = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], **kwargs).logits
-    kept = logits.shape[1]  # logits[:, j] is position length-kept+j and predicts the token after it
-    targets = labels[:, length - kept + 1:]  # (B, kept-1)
-    logits = logits[:, :-1]  # the last position predicts nothing
-    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1),
-                           ignore_index=-100, reduction="sum")
 
 
-def _prompt_lengths(labels: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """(B,) per row, its real tokens before the first supervised one: the prompt, where ReFT edits.
-    A row supervised from its first token (text data) has no prompt of its own: all of it counts."""
-    real = attention_mask.bool()
-    before = (real & ((labels != -100) & real).cumsum(-1).eq(0)).sum(-1)
-    return torch.where(before > 0, before, real.sum(-1))
 
 
-def _logits_needed(labels: torch.Tensor) -> int:
-    """How many trailing positions hold every logit that predicts a supervised token."""
-    supervised = (labels != -100).any(dim=0).nonzero()
-    if len(supervised) == 0:
-        return labels.shape[1]
-    first = int(supervised[0])  # the logit at first-1 predicts the first supervised token
-    return labels.shape[1] - max(first - 1, 0)
 
 
-def _accepts_logits_to_keep(model: nn.Module) -> bool:
-    inner = getattr(model, "module", model)  # DDP wraps the model
-    return "logits_to_keep" in inspect.signature(inner.forward).parameters
 
 
-def _targets(row: dict, task: str) -> int:
-    if task == "classification":
-        return 1
-    labels = row["labels"]
-    return sum(1 for t in labels[1:] if t != -100)  # the first token is never predicted
 
 
-@torch.no_grad()
-def _validation_loss(model, data: Tokenized, pad_id: int, task: str, batch_size: int) -> float:
-    """Mean cross-entropy per supervised token (per example for classification)."""
-    was_training = model.training
-    model.eval()
-    total, count = 0.0, 0
-    device = next(model.parameters()).device
-    order = sorted(range(len(data.rows)), key=lambda i: data.lengths[i])
-    from tqdm.auto import tqdm
-
-    starts = range(0, len(order), batch_size)
-    for start in tqdm(starts, desc="validation loss", unit="batch", leave=False, file=sys.stderr,
-                      disable=len(starts) < 8):
-        indices = order[start:start + batch_size]
-        inputs = _to(collate([data.rows[i] for i in indices], pad_id), device)
-        total += _loss_sum(model, inputs, task).item()
-        count += sum(_targets(data.rows[i], task) for i in indices)
-    model.train(was_training)
-    return total / max(count, 1)
 
 
 def _schedule(name: str, warmup: int, total: int):

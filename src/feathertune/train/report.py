@@ -20,6 +20,7 @@ from feathertune.adapters import disabled
 from feathertune.checkpoint import load_adapter
 from feathertune.data import collate
 from feathertune.files import write_atomic
+from feathertune.loss import mean_loss
 
 
 def final_report(model, tokenizer, config, task: str, val_set, val_tok, out: Path, say, validation_loss,
@@ -179,9 +180,7 @@ def evaluate_run(model_name: str, adapter: Path | None, *, data: str, data_forma
 
 
 def _scores(model, tokenizer, examples, tokens, task: str, batch_size: int, max_new_tokens: int) -> dict:
-    from feathertune.train.loop import _validation_loss
-
-    results = {"loss": _validation_loss(model, tokens, tokenizer.pad_token_id, task, batch_size)}
+    results = {"loss": mean_loss(model, tokens, tokenizer.pad_token_id, task, batch_size)}
     if task == "classification":
         results["accuracy"] = evaluate.accuracy(model, _batches(tokens, tokenizer.pad_token_id, batch_size))
     elif examples.kind == "chat":

@@ -1,0 +1,98 @@
+"""The one loss: token-weighted cross-entropy, used by the training step, the validation loss, the
+final report and `evaluate.language_model_loss` alike.
+
+    causal LM:       Σ over supervised tokens t of −log p(x_t | x_<t)     (prompt tokens, padding: -100)
+    classification:  Σ over examples of −log p(label | text)
+
+A step's loss is this sum over the global batch divided by its count of targets, wherever the
+rows were computed: so micro-batches, processes and validation batches all weigh a token the same.
+"""
+
+from __future__ import annotations
+
+import inspect
+import sys
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from feathertune.adapters import STATE
+from feathertune.data import Tokenized, collate
+from feathertune.data.batching import IGNORE_INDEX  # labels with this value carry no loss
+
+
+def loss_sum(model: nn.Module, inputs: dict[str, torch.Tensor], task: str = "causal_lm") -> torch.Tensor:
+    """Summed cross-entropy over the batch's targets: supervised tokens (causal LM) or examples.
+
+    Only positions that predict a supervised token need the vocabulary-sized output head: with
+    prompts masked, `logits_to_keep` skips most of its cost and its largest activation.
+    """
+    if task == "classification":
+        logits = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits
+        return F.cross_entropy(logits.float(), inputs["labels"], reduction="sum")
+    labels = inputs["labels"]  # (B, T)
+    length = labels.shape[1]
+    keep = logits_needed(labels)
+    kwargs = {"logits_to_keep": keep} if keep < length and _accepts_logits_to_keep(model) else {}
+    if STATE in getattr(model, "module", model).__dict__:  # feathertune's pre-hook takes it; a plain model would not
+        kwargs["prompt_lengths"] = prompt_lengths(labels, inputs["attention_mask"])
+    logits = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], **kwargs).logits
+    kept = logits.shape[1]  # logits[:, j] is position length-kept+j and predicts the token after it
+    targets = labels[:, length - kept + 1:]  # (B, kept-1)
+    logits = logits[:, :-1]  # the last position predicts nothing
+    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1),
+                           ignore_index=IGNORE_INDEX, reduction="sum")
+
+
+def target_count(row: dict, task: str = "causal_lm") -> int:
+    """How many targets a tokenized row adds to a loss sum (its denominator's share)."""
+    if task == "classification":
+        return 1
+    return sum(1 for t in row["labels"][1:] if t != IGNORE_INDEX)  # the first token is never predicted
+
+
+@torch.no_grad()
+def mean_loss(model: nn.Module, data: Tokenized, pad_id: int, task: str, batch_size: int) -> float:
+    """Mean cross-entropy per target over a tokenized data set, in eval mode (restored after).
+    Rows go shortest first in batches of `batch_size` (less padding)."""
+    from tqdm.auto import tqdm
+
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    device = next(model.parameters()).device
+    order = sorted(range(len(data.rows)), key=lambda i: data.lengths[i])
+    starts = range(0, len(order), batch_size)
+    try:
+        for start in tqdm(starts, desc="validation loss", unit="batch", leave=False, file=sys.stderr,
+                          disable=len(starts) < 8):
+            indices = order[start:start + batch_size]
+            inputs = {k: v.to(device) for k, v in collate([data.rows[i] for i in indices], pad_id).items()}
+            total += loss_sum(model, inputs, task).item()
+            count += sum(target_count(data.rows[i], task) for i in indices)
+    finally:
+        model.train(was_training)
+    return total / max(count, 1)
+
+
+def prompt_lengths(labels: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """(B,) per row, its real tokens before the first supervised one: the prompt, where ReFT edits.
+    A row supervised from its first token (text data) has no prompt of its own: all of it counts."""
+    real = attention_mask.bool()
+    before = (real & ((labels != IGNORE_INDEX) & real).cumsum(-1).eq(0)).sum(-1)
+    return torch.where(before > 0, before, real.sum(-1))
+
+
+def logits_needed(labels: torch.Tensor) -> int:
+    """How many trailing positions hold every logit that predicts a supervised token."""
+    supervised = (labels != IGNORE_INDEX).any(dim=0).nonzero()
+    if len(supervised) == 0:
+        return labels.shape[1]
+    first = int(supervised[0])  # the logit at first-1 predicts the first supervised token
+    return labels.shape[1] - max(first - 1, 0)
+
+
+def _accepts_logits_to_keep(model: nn.Module) -> bool:
+    inner = getattr(model, "module", model)  # DDP wraps the model
+    return "logits_to_keep" in inspect.signature(inner.forward).parameters
