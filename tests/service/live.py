@@ -27,7 +27,7 @@ def free_port() -> int:
 
 
 class LiveServer:
-    """`python -m feathertune.service.server ARGS` with FEATHERTUNE_API_KEY=KEY; `url` is its /v1."""
+    """`python -m feathertune.cli serve ARGS` with FEATHERTUNE_API_KEY=KEY; `url` is its /v1."""
 
     def __init__(self, data_dir: Path, models: dict[str, Path], *args: str, key: str | None = KEY,
                  port: int | None = None):
@@ -48,7 +48,7 @@ class LiveServer:
         env = {k: v for k, v in os.environ.items() if k != "FEATHERTUNE_API_KEY"}
         if self.key is not None:
             env["FEATHERTUNE_API_KEY"] = self.key
-        command = [sys.executable, "-m", "feathertune.service.server", "--port", str(self.port),
+        command = [sys.executable, "-m", "feathertune.cli", "serve", "--port", str(self.port),
                    "--data-dir", str(self.data_dir), *self.args]
         for name, path in self.models.items():
             command += ["--model", f"{name}={path}"]

@@ -31,7 +31,8 @@ def finished_job(server):
         model="tiny", training_file=train.id, validation_file=validation.id, suffix="e2e", seed=7,
         method={"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 2, "batch_size": 8}}},
         metadata={"purpose": "test"}, extra_body={"feathertune": FAST_OPTIONS})
-    assert job.status == "validating_files" and job.object == "fine_tuning.job"
+    assert job.object == "fine_tuning.job"
+    assert job.status in ("validating_files", "queued", "running")  # the worker may be quick to take it
     return client, train, wait_status(client, job.id, {"succeeded", "failed", "cancelled"})
 
 

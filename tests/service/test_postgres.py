@@ -191,11 +191,11 @@ JOB_OPTIONS = {**FAST_OPTIONS, "train": {**FAST_OPTIONS["train"], "max_steps": S
 
 
 class WorkerProcess:
-    """`python -m feathertune.service.server --worker ...`, its output in a log file."""
+    """`python -m feathertune.cli serve --worker ...`, its output in a log file."""
 
     def __init__(self, url: str, data: Path, model: Path, log: Path):
         self.log = log
-        command = [sys.executable, "-m", "feathertune.service.server", "--worker", "--database-url", url,
+        command = [sys.executable, "-m", "feathertune.cli", "serve", "--worker", "--database-url", url,
                    "--data-dir", str(data), "--model", f"tiny={model}"]
         env = {k: v for k, v in os.environ.items() if k != "FEATHERTUNE_API_KEY"}  # a worker needs no key
         with open(log, "w") as out:

@@ -10,7 +10,6 @@ import dataclasses
 import os
 import secrets
 import signal
-import sys
 import threading
 from pathlib import Path
 
@@ -139,8 +138,3 @@ def _gpu_count() -> int:
     except Exception:  # noqa: BLE001
         return 0
 
-
-if __name__ == "__main__":  # python -m feathertune.service.server is `feathertune serve`
-    from feathertune.cli import main
-
-    sys.exit(main(["serve", *sys.argv[1:]]))
