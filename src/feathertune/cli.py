@@ -113,7 +113,7 @@ def _parser() -> argparse.ArgumentParser:
                        description="Serve OpenAI's files, fine-tuning jobs, models and chat completions API on "
                                    "this machine (code written for the `openai` client works unchanged), with a "
                                    "dashboard at /. Every /v1 route needs `Authorization: Bearer KEY`: the key is "
-                                   f"$FEATHERTUNE_API_KEY, --api-key-file, or one generated at the first start "
+                                   "$FEATHERTUNE_API_KEY, --api-key-file, or one generated at the first start "
                                    "(printed, and kept in DATA/api_key).")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
     p.add_argument("--port", type=int, default=8000)
@@ -135,6 +135,19 @@ def _parser() -> argparse.ArgumentParser:
                    help="a running job whose worker has not said it is alive for this long (a dead machine) "
                         "is taken over by another worker; on the same machine a dead worker is seen at once")
     p.set_defaults(handler=_serve)
+
+    p = sub.add_parser("bench", help="measure: `bench speed` trains LoRA against the PEFT reference in one run")
+    bench = p.add_subparsers(dest="bench", metavar="WHAT", required=True)
+    p = bench.add_parser("speed", help="LoRA training throughput and peak memory: feathertune vs PEFT + AdamW",
+                         description="Train LoRA (r=16, all linear layers) with feathertune and with PEFT's "
+                                     "get_peft_model + model(labels=...).loss on the same E2E batches, each in a "
+                                     "process of its own, one after the other; print the ratios.")
+    p.add_argument("--model", default=DEFAULT_MODEL)
+    p.add_argument("--steps", type=int, default=8, help="measured optimizer steps (after one warm-up step)")
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--data", help="a chat JSONL file (default: the repository's data/e2e/train.jsonl)")
+    p.add_argument("--out", help="also write speed.json into this directory")
+    p.set_defaults(handler=_bench_speed)
     return parser
 
 
@@ -395,6 +408,15 @@ def _serve(args) -> int:
                         max_upload_mb=args.max_upload_mb, max_adapters=args.max_adapters,
                         api_key_file=args.api_key_file, lease_s=args.lease_s)
     return serve(settings)
+
+
+def _bench_speed(args) -> int:
+    from feathertune.speed import run_speed
+
+    if args.steps < 1 or args.batch < 1:
+        raise ConfigError(f"--steps={args.steps}, --batch={args.batch}: both must be positive", source="bench speed")
+    run_speed(args.model, args.steps, args.batch, args.data, args.out)
+    return 0
 
 
 def _inspect(args) -> int:

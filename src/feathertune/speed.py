@@ -1,0 +1,151 @@
+"""`feathertune bench speed`: LoRA training throughput and peak memory, feathertune against the
+reference most people run — PEFT's `get_peft_model` + `model(..., labels=...).loss.backward()` +
+AdamW — on the same model, the same examples and the same number of optimizer steps, in one run.
+
+    feathertune bench speed [--model smollm2-135m-instruct] [--steps 8] [--batch 8] [--out bench/results]
+
+Each contestant trains in a process of its own (so that peak resident memory is its own, and one
+does not warm the other's caches), one after the other, never two at once. Both see the E2E chat
+examples tokenized once with the chat template and the prompt masked, in the same batches, padded
+to each batch's longest row; the reference is given those labels, so it, too, learns only the
+answers. The first step's loss must agree (the same maths), which the report checks.
+
+Reported: supervised examples per second over the measured steps (after a warm-up step), seconds
+per step, peak RSS of the training process, and the ratios feathertune / reference.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+CONTESTANTS = ("peft", "feathertune")
+REPO_DATA = Path(__file__).resolve().parents[2] / "data" / "e2e" / "train.jsonl"
+
+
+def run_speed(model: str, steps: int, batch: int, data: str | None, out: str | None, say=print) -> dict:
+    """Train each contestant in its own process; returns (and writes, with --out) the comparison."""
+    data = data or str(REPO_DATA)
+    results = {}
+    for name in CONTESTANTS:
+        say(f"[bench speed] {name}: {steps} steps of batch {batch} on {model} …")
+        command = [sys.executable, "-m", "feathertune.speed", name, model, data, str(steps), str(batch)]
+        done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
+        if done.returncode != 0:
+            raise RuntimeError(f"{name} failed:\n{done.stderr[-3000:]}")
+        results[name] = json.loads(done.stdout.strip().splitlines()[-1])
+    report = _compare(results, model, steps, batch)
+    say(_table(report))
+    if out:
+        Path(out).mkdir(parents=True, exist_ok=True)
+        (Path(out) / "speed.json").write_text(json.dumps(report, indent=2) + "\n")
+    return report
+
+
+def _compare(results: dict, model: str, steps: int, batch: int) -> dict:
+    ref, ours = results["peft"], results["feathertune"]
+    first_loss_gap = abs(ref["losses"][0] - ours["losses"][0]) / abs(ref["losses"][0])
+    return {"model": model, "steps": steps, "batch": batch, "torch_threads": ours["threads"], "results": results,
+            "throughput_ratio": ours["examples_per_s"] / ref["examples_per_s"],
+            "memory_ratio": ours["peak_rss_mib"] / ref["peak_rss_mib"],
+            "first_loss_relative_gap": first_loss_gap}
+
+
+def _table(report: dict) -> str:
+    rows = [f"{'':12} {'examples/s':>11} {'s/step':>8} {'peak RSS MiB':>13} {'first loss':>11}"]
+    for name, r in report["results"].items():
+        rows.append(f"{name:12} {r['examples_per_s']:11.2f} {r['seconds_per_step']:8.2f} {r['peak_rss_mib']:13.0f} "
+                    f"{r['losses'][0]:11.5f}")
+    rows.append(f"feathertune / PEFT: throughput {report['throughput_ratio']:.2f}x, peak memory "
+                f"{report['memory_ratio']:.2f}x; first-step losses differ by {report['first_loss_relative_gap']:.1e} "
+                f"(relative)")
+    return "\n".join(rows)
+
+
+# --- one contestant, in its own process ---------------------------------------------------------
+
+def _batches(tokenizer, data: str, steps: int, batch: int) -> list[dict]:
+    from feathertune.data import collate, read_examples, tokenize_examples
+
+    examples = read_examples(data)
+    examples.items = examples.items[: (steps + 1) * batch]
+    tokens = tokenize_examples(examples, tokenizer, 256)
+    rows = tokens.rows
+    return [collate(rows[i * batch:(i + 1) * batch], tokenizer.pad_token_id) for i in range(steps + 1)]
+
+
+def _peft_step(model):
+    def step(inputs):
+        return model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
+                     labels=inputs["labels"]).loss
+    return step
+
+
+def _feathertune_step(model):
+    from feathertune.loss import loss_sum
+
+    def step(inputs):  # the training loop's own loss: summed over supervised tokens, over their count
+        count = (inputs["labels"][:, 1:] != -100).sum()
+        return loss_sum(model, inputs) / count
+    return step
+
+
+def _contestant(name: str, model_name: str, data: str, steps: int, batch: int) -> dict:
+    import torch
+
+    from feathertune.models import load_model
+
+    model, tokenizer = load_model(model_name)
+    if name == "peft":
+        import peft
+
+        model = peft.get_peft_model(model, peft.LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0,
+                                                           target_modules="all-linear"))
+        step = _peft_step(model)
+    else:
+        from feathertune.adapters import attach
+        from feathertune.methods.lora import LoraConfig
+
+        attach(model, LoraConfig(r=16, alpha=32, dropout=0.0, target_modules="all-linear"))
+        step = _feathertune_step(model)
+    batches = _batches(tokenizer, data, steps, batch)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-4)
+    _reset_peak_rss()  # the training phase's peak, as the loop's PeakMemory reports it: loading is alike
+    model.train()
+    losses, started = [], None
+    for k, inputs in enumerate(batches):
+        if k == 1:
+            started = time.perf_counter()  # step 0 warms up (allocator, kernels); the rest is measured
+        loss = step(inputs)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    seconds = time.perf_counter() - started
+    return {"examples_per_s": steps * batch / seconds, "seconds_per_step": seconds / steps,
+            "peak_rss_mib": _peak_rss_mib(), "losses": losses, "threads": torch.get_num_threads()}
+
+
+def _reset_peak_rss() -> None:
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # Linux: VmHWM starts again from the current RSS
+    except OSError:
+        pass
+
+
+def _peak_rss_mib() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+if __name__ == "__main__":
+    name, model_name, data, steps, batch = sys.argv[1:6]
+    print(json.dumps(_contestant(name, model_name, data, int(steps), int(batch))))
