@@ -23,7 +23,9 @@ import sys
 import time
 from pathlib import Path
 
-CONTESTANTS = ("peft", "feathertune", "feathertune-bf16")  # the last: bf16 autocast (fast where the CPU has AMX)
+# feathertune-bf16: bf16 autocast (fast where the CPU has AMX); full: every weight trains (the step
+# LoRA's is compared with: LoRA skips the weight gradients, 1/3 of the FLOPs, so 2/3 is its floor).
+CONTESTANTS = ("peft", "feathertune", "feathertune-bf16", "full")
 REPO_DATA = Path(__file__).resolve().parents[2] / "data" / "e2e" / "train.jsonl"
 
 
@@ -40,6 +42,7 @@ def run_speed(model: str, steps: int, batch: int, data: str | None, out: str | N
         results[name] = json.loads(done.stdout.strip().splitlines()[-1])
     report = _compare(results, model, steps, batch)
     report["bf16_throughput_ratio"] = results["feathertune-bf16"]["examples_per_s"] / results["peft"]["examples_per_s"]
+    report["lora_over_full_step"] = results["feathertune"]["seconds_per_step"] / results["full"]["seconds_per_step"]
     say(_table(report))
     if out:
         Path(out).mkdir(parents=True, exist_ok=True)
@@ -63,6 +66,7 @@ def _table(report: dict) -> str:
                     f"{r['losses'][0]:11.5f}")
     rows.append(f"feathertune-bf16 / PEFT (fp32): throughput {report['bf16_throughput_ratio']:.2f}x (bf16 changes "
                 f"the numerics; not the like-for-like figure)")
+    rows.append(f"LoRA step / full fine-tuning step: {report['lora_over_full_step']:.2f} (the FLOP floor: 2/3 = 0.67)")
     rows.append(f"feathertune / PEFT: throughput {report['throughput_ratio']:.2f}x, peak memory "
                 f"{report['memory_ratio']:.2f}x; first-step losses differ by {report['first_loss_relative_gap']:.1e} "
                 f"(relative)")
@@ -115,6 +119,13 @@ def _contestant(name: str, model_name: str, data: str, steps: int, batch: int) -
         model = peft.get_peft_model(model, peft.LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0,
                                                            target_modules="all-linear"))
         step = _peft_step(model)
+    elif name == "full":
+        from feathertune.adapters import attach
+        from feathertune.registry import resolve_method
+
+        spec, preset = resolve_method("full")
+        attach(model, spec.config_class(**preset))
+        step = _feathertune_step(model)
     else:
         from feathertune.adapters import attach
         from feathertune.methods.lora import LoraConfig
