@@ -24,3 +24,6 @@ def test_bench_speed_compares_the_same_training_in_two_processes(tmp_path):
         assert len(result["losses"]) == 3 and result["examples_per_s"] > 0 and result["peak_rss_mib"] > 0
     assert json.loads((tmp_path / "out" / "speed.json").read_text())["throughput_ratio"] == report["throughput_ratio"]
     assert "feathertune / PEFT: throughput" in lines[-1]
+    per_token = report["inference"]["seconds_per_token"]
+    assert set(per_token) == {"base", "feathertune_unmerged", "feathertune_merged", "peft_unmerged", "peft_merged"}
+    assert all(t > 0 for t in per_token.values()) and report["inference"]["mixed_batch_seconds"]["four_adapters"] > 0

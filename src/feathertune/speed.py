@@ -25,7 +25,7 @@ from pathlib import Path
 
 # feathertune-bf16: bf16 autocast (fast where the CPU has AMX); full: every weight trains (the step
 # LoRA's is compared with: LoRA skips the weight gradients, 1/3 of the FLOPs, so 2/3 is its floor).
-CONTESTANTS = ("peft", "feathertune", "feathertune-bf16", "full")
+CONTESTANTS = ("peft", "feathertune", "feathertune-bf16", "full", "inference")
 REPO_DATA = Path(__file__).resolve().parents[2] / "data" / "e2e" / "train.jsonl"
 
 
@@ -40,7 +40,9 @@ def run_speed(model: str, steps: int, batch: int, data: str | None, out: str | N
         if done.returncode != 0:
             raise RuntimeError(f"{name} failed:\n{done.stderr[-3000:]}")
         results[name] = json.loads(done.stdout.strip().splitlines()[-1])
+    inference = results.pop("inference")
     report = _compare(results, model, steps, batch)
+    report["inference"] = inference
     report["bf16_throughput_ratio"] = results["feathertune-bf16"]["examples_per_s"] / results["peft"]["examples_per_s"]
     report["lora_over_full_step"] = results["feathertune"]["seconds_per_step"] / results["full"]["seconds_per_step"]
     say(_table(report))
@@ -66,6 +68,12 @@ def _table(report: dict) -> str:
                     f"{r['losses'][0]:11.5f}")
     rows.append(f"feathertune-bf16 / PEFT (fp32): throughput {report['bf16_throughput_ratio']:.2f}x (bf16 changes "
                 f"the numerics; not the like-for-like figure)")
+    per_token = report["inference"]["seconds_per_token"]
+    ratios = {k: v / per_token["base"] for k, v in per_token.items() if k != "base"}
+    rows.append("greedy time per token / the base's: " + ", ".join(f"{k} {v:.2f}" for k, v in ratios.items())
+                + f" (base {1000 * per_token['base']:.1f} ms/token)")
+    mixed = report["inference"]["mixed_batch_seconds"]
+    rows.append(f"8 rows over 4 adapters / the same batch on one adapter: {mixed['four_adapters'] / mixed['one_adapter']:.2f}")
     rows.append(f"LoRA step / full fine-tuning step: {report['lora_over_full_step']:.2f} (the FLOP floor: 2/3 = 0.67)")
     rows.append(f"feathertune / PEFT: throughput {report['throughput_ratio']:.2f}x, peak memory "
                 f"{report['memory_ratio']:.2f}x; first-step losses differ by {report['first_loss_relative_gap']:.1e} "
@@ -150,6 +158,61 @@ def _contestant(name: str, model_name: str, data: str, steps: int, batch: int) -
             "peak_rss_mib": _peak_rss_mib(), "losses": losses, "threads": torch.get_num_threads()}
 
 
+def _inference(model_name: str) -> dict:
+    """Greedy time per token: the base, LoRA unmerged and merged (feathertune and PEFT), and a batch
+    of 8 rows over 4 adapters against the same batch on one adapter. Ratios within this process."""
+    import copy
+
+    import torch
+
+    from feathertune.adapters import attach, merge
+    from feathertune.methods.lora import LoraConfig
+    from feathertune.models import load_model
+
+    base, tokenizer = load_model(model_name)
+    base.eval()
+    lora = LoraConfig(r=16, alpha=32, dropout=0.0, target_modules="all-linear")
+    prompt = tokenizer("Write a one-sentence description of the restaurant: name[Aromi]", return_tensors="pt")
+    timings = {"base": _per_token(base, prompt)}
+    ours = attach(copy.deepcopy(base), lora)
+    timings["feathertune_unmerged"] = _per_token(ours, prompt)
+    timings["feathertune_merged"] = _per_token(merge(ours), prompt)
+    import peft
+
+    theirs = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0,
+                                                                       target_modules="all-linear"))
+    timings["peft_unmerged"] = _per_token(theirs, prompt)
+    timings["peft_merged"] = _per_token(theirs.merge_and_unload(), prompt)
+    mixed = copy.deepcopy(base)
+    for name in ("a", "b", "c", "d"):
+        attach(mixed, lora, name=name)
+    batch = torch.randint(0, tokenizer.vocab_size, (8, 64), generator=torch.Generator().manual_seed(0))
+    one = _median_seconds(lambda: mixed(input_ids=batch, adapter_names=["a"] * 8))
+    four = _median_seconds(lambda: mixed(input_ids=batch, adapter_names=["a", "b", "c", "d"] * 2))
+    return {"seconds_per_token": timings, "mixed_batch_seconds": {"one_adapter": one, "four_adapters": four}}
+
+
+def _per_token(model, prompt, new_tokens: int = 32) -> float:
+    def generate():
+        model.generate(**prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+    return _median_seconds(generate) / new_tokens
+
+
+def _median_seconds(work, repeats: int = 5) -> float:
+    import statistics
+
+    import torch
+
+    with torch.inference_mode():
+        work()  # warm-up
+        times = []
+        for _ in range(repeats):
+            started = time.perf_counter()
+            work()
+            times.append(time.perf_counter() - started)
+    return statistics.median(times)
+
+
 def _reset_peak_rss() -> None:
     try:
         Path("/proc/self/clear_refs").write_text("5")  # Linux: VmHWM starts again from the current RSS
@@ -168,4 +231,6 @@ def _peak_rss_mib() -> float:
 
 if __name__ == "__main__":
     name, model_name, data, steps, batch = sys.argv[1:6]
-    print(json.dumps(_contestant(name, model_name, data, int(steps), int(batch))))
+    measure = _inference(model_name) if name == "inference" else _contestant(name, model_name, data, int(steps),
+                                                                                int(batch))
+    print(json.dumps(measure))
