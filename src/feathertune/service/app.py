@@ -149,7 +149,22 @@ def create_app(*, store: Store, data: DataDir, models: dict[str, str], api_keys:
     _limit_uploads(app, max_upload_bytes)
     auth = [Depends(authorized)]
 
-    # -- files ------------------------------------------------------------------------------
+    _file_routes(app, auth, store, data, max_upload_bytes)
+    _job_routes(app, auth, store, models)
+    _model_routes(app, auth, store, models, engine)
+    _chat_routes(app, auth, store, data, models, engine)
+
+    # -- dashboard --------------------------------------------------------------------------
+    @app.get("/", include_in_schema=False)
+    def dashboard() -> HTMLResponse:
+        return HTMLResponse(DASHBOARD.read_text(encoding="utf-8") if DASHBOARD.is_file() else "<h1>feathertune</h1>")
+
+    return app
+
+
+
+def _file_routes(app: FastAPI, auth: list, store: Store, data: DataDir, max_upload_bytes: int) -> None:
+    """POST/GET /v1/files, GET/DELETE /v1/files/{id}, GET /v1/files/{id}/content."""
     @app.post("/v1/files", dependencies=auth)
     def upload(file: UploadFile = File(...), purpose: str = Form(...)) -> dict:
         if purpose not in PURPOSES:
@@ -170,14 +185,8 @@ def create_app(*, store: Store, data: DataDir, models: dict[str, str], api_keys:
                                 newest_first=order == "desc")
         return page([file_object(r) for r in rows], more)
 
-    def existing(table: str, row_id: str, kind: str, param: str) -> dict:
-        row = store.get(table, row_id)
-        if row is None:
-            raise not_found(kind, row_id, param)
-        return row
-
     def file_row(file_id: str) -> dict:
-        return existing("files", file_id, "file", "file_id")
+        return _existing(store, "files", file_id, "file", "file_id")
 
     @app.get("/v1/files/{file_id}", dependencies=auth)
     def get_file(file_id: str) -> dict:
@@ -197,10 +206,9 @@ def create_app(*, store: Store, data: DataDir, models: dict[str, str], api_keys:
         return FileResponse(data.file(row["stored_name"]), media_type="application/octet-stream",
                             filename=row["filename"])
 
-    # -- fine-tuning jobs -------------------------------------------------------------------
-    def job_row(job_id: str) -> dict:
-        return existing("jobs", job_id, "fine-tuning job", "fine_tuning_job_id")
 
+def _job_routes(app: FastAPI, auth: list, store: Store, models: dict[str, str]) -> None:
+    """/v1/fine_tuning/jobs: create, list, retrieve, cancel, pause, resume, events, checkpoints."""
     @app.post("/v1/fine_tuning/jobs", dependencies=auth)
     def create_job(body: JobBody) -> dict:
         values = body.model_dump(exclude_unset=True)
@@ -219,56 +227,40 @@ def create_app(*, store: Store, data: DataDir, models: dict[str, str], api_keys:
 
     @app.get("/v1/fine_tuning/jobs/{job_id}", dependencies=auth)
     def get_job(job_id: str) -> dict:
-        return job_object(job_row(job_id))
-
-    def stop_job(job_id: str, action: str) -> dict:
-        row = job_row(job_id)
-        target = {"cancel": "cancelled", "pause": "paused"}[action]
-        # A job whose files are still being validated can be cancelled, not paused: it would resume
-        # into training with its files unchecked.
-        waiting = ("validating_files", "queued", "paused") if action == "cancel" else ("queued",)
-        finished = int(time.time()) if action == "cancel" else None
-        if store.update_job(job_id, when_status=waiting, status=target, worker=None, finished_at=finished):
-            _event(store, job_id, f"The job was {target}")
-        elif store.update_job(job_id, when_status=("running",), requested=action):
-            deadline = time.time() + STATUS_WAIT_S  # the run stops after its step, at a checkpoint
-            while time.time() < deadline and job_row(job_id)["status"] == "running":
-                time.sleep(0.1)
-        else:
-            raise ApiError(400, f"Cannot {action} a job whose status is {row['status']!r}", param="fine_tuning_job_id",
-                           code="invalid_job_status")
-        return job_object(job_row(job_id))
+        return job_object(_job_row(store, job_id))
 
     @app.post("/v1/fine_tuning/jobs/{job_id}/cancel", dependencies=auth)
     def cancel_job(job_id: str) -> dict:
-        return stop_job(job_id, "cancel")
+        return _stop_job(store, job_id, "cancel")
 
     @app.post("/v1/fine_tuning/jobs/{job_id}/pause", dependencies=auth)
     def pause_job(job_id: str) -> dict:
-        return stop_job(job_id, "pause")
+        return _stop_job(store, job_id, "pause")
 
     @app.post("/v1/fine_tuning/jobs/{job_id}/resume", dependencies=auth)
     def resume_job(job_id: str) -> dict:
-        row = job_row(job_id)
+        row = _job_row(store, job_id)
         if not store.update_job(job_id, when_status=("paused",), status="queued"):
             raise ApiError(400, f"Only a paused job can resume; this one is {row['status']!r}",
                            param="fine_tuning_job_id", code="invalid_job_status")
         _event(store, job_id, "The job was resumed; it continues from its last checkpoint")
-        return job_object(job_row(job_id))
+        return job_object(_job_row(store, job_id))
 
     @app.get("/v1/fine_tuning/jobs/{job_id}/events", dependencies=auth)
     def job_events(job_id: str, after: str | None = None, limit: int = Query(20, ge=1, le=10000)) -> dict:
-        job_row(job_id)
+        _job_row(store, job_id)
         rows, more = store.page("events", after=after, limit=limit, where={"job_id": job_id})
         return page([event_object(r) for r in rows], more)
 
     @app.get("/v1/fine_tuning/jobs/{job_id}/checkpoints", dependencies=auth)
     def job_checkpoints(job_id: str, after: str | None = None, limit: int = Query(10, ge=1, le=100)) -> dict:
-        job_row(job_id)
+        _job_row(store, job_id)
         rows, more = store.page("checkpoints", after=after, limit=limit, where={"job_id": job_id})
         return page([checkpoint_object(r) for r in rows], more)
 
-    # -- models -----------------------------------------------------------------------------
+
+def _model_routes(app: FastAPI, auth: list, store: Store, models: dict[str, str], engine) -> None:
+    """GET /v1/models, GET/DELETE /v1/models/{id}: the bases served, and every fine-tuned model and checkpoint."""
     started = int(time.time())
 
     @app.get("/v1/models", dependencies=auth)
@@ -277,20 +269,14 @@ def create_app(*, store: Store, data: DataDir, models: dict[str, str], api_keys:
         tuned = [model_object(r["id"], r["created_at"], "user") for r in store.all("models")]
         return {"object": "list", "data": bases + tuned}
 
-    def model_row(model_id: str) -> dict | None:
-        row = store.get("models", model_id)
-        if row is None and model_id not in models:
-            raise ApiError(404, f"The model {model_id!r} does not exist", param="model", code="model_not_found")
-        return row
-
     @app.get("/v1/models/{model_id}", dependencies=auth)
     def get_model(model_id: str) -> dict:
-        row = model_row(model_id)
+        row = _model_row(store, models, model_id)
         return model_object(model_id, started) if row is None else model_object(row["id"], row["created_at"], "user")
 
     @app.delete("/v1/models/{model_id}", dependencies=auth)
     def delete_model(model_id: str) -> dict:
-        if model_row(model_id) is None:
+        if _model_row(store, models, model_id) is None:
             raise ApiError(403, f"{model_id!r} is a base model; only fine-tuned models can be deleted",
                            param="model", code="model_not_deletable")
         store.delete("models", model_id)
@@ -298,14 +284,16 @@ def create_app(*, store: Store, data: DataDir, models: dict[str, str], api_keys:
             engine.forget(model_id)
         return {"id": model_id, "object": "model", "deleted": True}
 
-    # -- chat completions -------------------------------------------------------------------
+
+def _chat_routes(app: FastAPI, auth: list, store: Store, data: DataDir, models: dict[str, str], engine) -> None:
+    """POST /v1/chat/completions, plain or streamed (server-sent events)."""
     @app.post("/v1/chat/completions", dependencies=auth,
               responses={200: {"content": {"text/event-stream": {}}, "description": "A completion, or its chunks "
                                                                                    "as server-sent events"}})
     def chat_completions(body: ChatBody):
         if engine is None:
             raise ApiError(503, "this server runs no chat engine (started with --worker?)", type="server_error")
-        request = _chat_request(body, model_row(body.model), data, models)
+        request = _chat_request(body, _model_row(store, models, body.model), data, models)
         completion_id, created = "chatcmpl-" + new_id("file")[5:], int(time.time())
         if body.stream:
             include_usage = bool((body.stream_options or {}).get("include_usage"))
@@ -320,12 +308,46 @@ def create_app(*, store: Store, data: DataDir, models: dict[str, str], api_keys:
                              "message": {"role": "assistant", "content": result.text, "refusal": None}}],
                 "usage": _usage(result)}
 
-    # -- dashboard --------------------------------------------------------------------------
-    @app.get("/", include_in_schema=False)
-    def dashboard() -> HTMLResponse:
-        return HTMLResponse(DASHBOARD.read_text(encoding="utf-8") if DASHBOARD.is_file() else "<h1>feathertune</h1>")
 
-    return app
+def _stop_job(store: Store, job_id: str, action: str) -> dict:
+    """Cancel or pause: a waiting job at once; a running one is asked (its worker stops the run at a
+    checkpoint after the current step) and the answer waits a little for it to have stopped."""
+    row = _job_row(store, job_id)
+    target = {"cancel": "cancelled", "pause": "paused"}[action]
+    # A job whose files are still being validated can be cancelled, not paused: it would resume
+    # into training with its files unchecked.
+    waiting = ("validating_files", "queued", "paused") if action == "cancel" else ("queued",)
+    finished = int(time.time()) if action == "cancel" else None
+    if store.update_job(job_id, when_status=waiting, status=target, worker=None, finished_at=finished):
+        _event(store, job_id, f"The job was {target}")
+    elif store.update_job(job_id, when_status=("running",), requested=action):
+        deadline = time.time() + STATUS_WAIT_S  # the run stops after its step, at a checkpoint
+        while time.time() < deadline and _job_row(store, job_id)["status"] == "running":
+            time.sleep(0.1)
+    else:
+        raise ApiError(400, f"Cannot {action} a job whose status is {row['status']!r}", param="fine_tuning_job_id",
+                       code="invalid_job_status")
+    return job_object(_job_row(store, job_id))
+
+
+def _job_row(store: Store, job_id: str) -> dict:
+    return _existing(store, "jobs", job_id, "fine-tuning job", "fine_tuning_job_id")
+
+
+def _existing(store: Store, table: str, row_id: str, kind: str, param: str) -> dict:
+    """The row of an id that must exist, or a 404 in OpenAI's shape."""
+    row = store.get(table, row_id)
+    if row is None:
+        raise not_found(kind, row_id, param)
+    return row
+
+
+def _model_row(store: Store, models: dict[str, str], model_id: str) -> dict | None:
+    """A fine-tuned model's row, None for a base model this server serves, or a 404."""
+    row = store.get("models", model_id)
+    if row is None and model_id not in models:
+        raise ApiError(404, f"The model {model_id!r} does not exist", param="model", code="model_not_found")
+    return row
 
 
 def _event(store: Store, job_id: str, message: str) -> None:
