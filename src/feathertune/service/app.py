@@ -24,6 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from starlette.exceptions import HTTPException
 
 from feathertune.errors import ConfigError
+from feathertune.files import atomic_write
 from feathertune.service import jobs
 from feathertune.service.openai_objects import (
     ApiError,
@@ -356,21 +357,26 @@ def _event(store: Store, job_id: str, message: str) -> None:
 
 
 def _copy_limited(upload: UploadFile, target: Path, limit: int) -> int:
-    """Stream the upload to `target`; over `limit` bytes: nothing kept, 413."""
+    """Stream the upload to `target`, atomically (files.atomic_write); over `limit` bytes: nothing
+    kept, 413."""
     size = 0
-    tmp = target.with_name(f".{target.name}.part")
-    try:
+
+    def stream(tmp: str) -> None:
+        nonlocal size
         with open(tmp, "wb") as out:
             while chunk := upload.file.read(CHUNK):
                 size += len(chunk)
                 if size > limit:
-                    raise ApiError(413, f"The file is larger than this server's limit of {limit // (1 << 20)} MB "
-                                   f"(--max-upload-mb)", param="file", code="file_too_large")
+                    raise _too_large(limit)
                 out.write(chunk)
-        tmp.replace(target)
-    finally:
-        tmp.unlink(missing_ok=True)
+
+    atomic_write(target, stream)
     return size
+
+
+def _too_large(limit: int) -> ApiError:
+    return ApiError(413, f"The file is larger than this server's limit of {limit // (1 << 20)} MB (--max-upload-mb)",
+                    param="file", code="file_too_large")
 
 
 def _chat_request(body: ChatBody, row: dict | None, data: DataDir, models: dict[str, str]):
@@ -478,8 +484,7 @@ def _limit_uploads(app: FastAPI, limit: int) -> None:
     one (chunked), once the bytes received pass it, so that nothing past the limit is read or spooled
     to disk by the multipart parser. upload() counts the file itself again as it copies it."""
     allowed = limit + (64 << 10)  # a little over: the multipart envelope
-    refusal = error_body(f"The file is larger than this server's limit of {limit // (1 << 20)} MB (--max-upload-mb)",
-                         "invalid_request_error", "file", "file_too_large")
+    refusal = _too_large(limit).body()
 
     # Plain ASGI: BaseHTTPMiddleware cannot stop the app reading the body. (FastAPI's route-level
     # max_body_size answers a 413 as text/plain, not in OpenAI's shape.)
