@@ -21,7 +21,7 @@ import re
 from typing import Any
 
 from feathertune.errors import ConfigError
-from feathertune.train.config import TrainConfig, merge_values
+from feathertune.train.config import LoopConfig, TrainConfig, merge_values
 from feathertune.service.openai_objects import ApiError
 
 HYPERPARAMETERS = ("n_epochs", "batch_size", "learning_rate_multiplier")
@@ -171,7 +171,7 @@ def train_config(job: dict[str, Any], *, model_source: str, train_path: str, val
     hyper = resolved_hyperparameters(job, train_examples)
     options = merge_values(SERVICE_DEFAULTS, job["options"])
     train = dict(options.get("train") or {})
-    base_lr = TrainConfig.from_dict(merge_values(options, {"data": {"train": train_path}, "output": output})).train.lr
+    base_lr = train.get("lr", LoopConfig.lr)  # the options were checked at create: a number, if given
     steps_per_epoch = max(1, math.ceil(train_examples / hyper["batch_size"]))
     train.setdefault("checkpoint_every", steps_per_epoch)  # one per epoch, as OpenAI keeps them
     train.setdefault("keep_checkpoints", 3)  # the worker copies each out; 3 leave it time to between polls
