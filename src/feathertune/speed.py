@@ -119,6 +119,7 @@ def _contestant(name: str, model_name: str, data: str, steps: int, batch: int) -
     import torch
 
     from feathertune.models import load_model
+    from feathertune.train.loop import PeakMemory
 
     model, tokenizer = load_model(model_name)
     if name == "peft":
@@ -142,7 +143,7 @@ def _contestant(name: str, model_name: str, data: str, steps: int, batch: int) -
         step = _feathertune_step(model, bf16=name.endswith("bf16"))
     batches = _batches(tokenizer, data, steps, batch)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-4)
-    _reset_peak_rss()  # the training phase's peak, as the loop's PeakMemory reports it: loading is alike
+    memory = PeakMemory(torch.device("cpu"))  # the training phase's peak, as the loop reports it: loading is alike
     model.train()
     losses, started = [], None
     for k, inputs in enumerate(batches):
@@ -155,7 +156,7 @@ def _contestant(name: str, model_name: str, data: str, steps: int, batch: int) -
         losses.append(loss.item())
     seconds = time.perf_counter() - started
     return {"examples_per_s": steps * batch / seconds, "seconds_per_step": seconds / steps,
-            "peak_rss_mib": _peak_rss_mib(), "losses": losses, "threads": torch.get_num_threads()}
+            "peak_rss_mib": memory.peak_mib(), "losses": losses, "threads": torch.get_num_threads()}
 
 
 def _inference(model_name: str) -> dict:
@@ -211,22 +212,6 @@ def _median_seconds(work, repeats: int = 5) -> float:
             work()
             times.append(time.perf_counter() - started)
     return statistics.median(times)
-
-
-def _reset_peak_rss() -> None:
-    try:
-        Path("/proc/self/clear_refs").write_text("5")  # Linux: VmHWM starts again from the current RSS
-    except OSError:
-        pass
-
-
-def _peak_rss_mib() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 if __name__ == "__main__":

@@ -36,7 +36,6 @@ from feathertune.errors import ConfigError, FeathertuneError
 from feathertune.files import write_atomic
 from feathertune.models import load_model, save_model_directory
 from feathertune import loss as objective
-from feathertune.loss import mean_loss
 from feathertune.train import distributed, state
 from feathertune.train.config import TrainConfig, load_config, resume_changes
 from feathertune.train.metrics import MetricsLog, plot_losses
@@ -176,7 +175,7 @@ class _Training:
 
     def validation_loss(self) -> float:
         plan = self.plan
-        return mean_loss(plan.model, plan.val_tok, self.pad_id, plan.task, plan.config.eval.batch_size)
+        return objective.mean_loss(plan.model, plan.val_tok, self.pad_id, plan.task, plan.config.eval.batch_size)
 
     def train(self, stop) -> dict:
         """Every remaining step; returns the training phase's time and peak memory."""
