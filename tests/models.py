@@ -117,3 +117,24 @@ def tiny_chat_model_dir(path, corpus: list[str], seed: int = 0):
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+def randomise(model: torch.nn.Module, seed: int = 0) -> None:
+    """Non-zero, distinct values in every adapter tensor and in every modules_to_save copy."""
+    from feathertune.methods.lora import LoraLayer
+    from feathertune.saved_modules import ModulesToSave
+    from feathertune.wrapping import wrapped_layers
+
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, layer in wrapped_layers(model):
+            if isinstance(layer, LoraLayer):
+                for adapter in layer.lora.values():
+                    adapter.A.copy_(torch.randn(adapter.A.shape, generator=g) * 0.3)
+                    adapter.B.copy_(torch.randn(adapter.B.shape, generator=g) * 0.3)
+                    if adapter.magnitude is not None:
+                        adapter.magnitude.mul_(0.5 + torch.rand(adapter.magnitude.shape, generator=g))
+            elif isinstance(layer, ModulesToSave):
+                for copy in layer.copies.values():
+                    for p in copy.parameters():
+                        p.add_(torch.randn(p.shape, generator=g) * 0.5)

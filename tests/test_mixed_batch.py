@@ -13,32 +13,14 @@ import torch
 
 import feathertune as ft
 from feathertune.adapters import active_adapters
-from feathertune.methods.lora import LoraLayer
 from feathertune.saved_modules import ModulesToSave
 from feathertune.wrapping import BASE, wrapped_layers
-from models import VOCAB, tiny_bert, tiny_llama
+from models import VOCAB, randomise, tiny_bert, tiny_llama
 
 pytest.importorskip("transformers")
 
 ATOL = 1e-5
 ADAPTERS = {"a": False, "b": False, "c": True}  # name -> use_dora
-
-
-def randomise(model: torch.nn.Module, seed: int = 0) -> None:
-    """Non-zero, distinct values in every adapter tensor and in every modules_to_save copy."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for _, layer in wrapped_layers(model):
-            if isinstance(layer, LoraLayer):
-                for adapter in layer.lora.values():
-                    adapter.A.copy_(torch.randn(adapter.A.shape, generator=g) * 0.3)
-                    adapter.B.copy_(torch.randn(adapter.B.shape, generator=g) * 0.3)
-                    if adapter.magnitude is not None:
-                        adapter.magnitude.mul_(0.5 + torch.rand(adapter.magnitude.shape, generator=g))
-            elif isinstance(layer, ModulesToSave):
-                for copy in layer.copies.values():
-                    for p in copy.parameters():
-                        p.add_(torch.randn(p.shape, generator=g) * 0.5)
 
 
 def build(kind: str) -> torch.nn.Module:

@@ -3,6 +3,7 @@ tiny chat model, killed (SIGKILL) or stopped (SIGTERM) as a test needs."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -10,8 +11,10 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Iterator
 
 import requests
+from runs import make_workspace
 
 KEY = "ft-test-key-0123456789"
 # Small and fast: a LoRA on the tiny model, a handful of steps, a short evaluation.
@@ -103,3 +106,16 @@ def wait_status(client, job_id: str, statuses: set[str], timeout: float = 180):
         return job if job.status in statuses else None
 
     return wait_for(reached, timeout, what=f"job {job_id} to reach {sorted(statuses)}")
+
+
+@contextlib.contextmanager
+def workspace_server(root: Path, *args: str, model_name: str = "tiny") -> Iterator[LiveServer]:
+    """runs.make_workspace(root) (a tiny chat model, E2E slices), then a LiveServer serving that model
+    as `model_name`, with `.root` set; stopped on leaving, whatever happened inside."""
+    make_workspace(root)
+    live = LiveServer(root / "data", {model_name: root / "model"}, *args).start()
+    live.root = root
+    try:
+        yield live
+    finally:
+        live.stop()

@@ -22,8 +22,7 @@ import uuid
 
 import pytest
 import requests
-from live import KEY, LiveServer, wait_for, wait_status
-from runs import make_workspace
+from live import KEY, LiveServer, wait_for, wait_status, workspace_server
 
 openai = pytest.importorskip("openai")
 
@@ -45,11 +44,8 @@ ROUTES = [
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    root, _ = make_workspace(tmp_path_factory.mktemp("bad-input"))
-    live = LiveServer(root / "data", {"tiny": root / "model"}).start()
-    live.root = root
-    yield live
-    live.stop()
+    with workspace_server(tmp_path_factory.mktemp("bad-input")) as live:
+        yield live
 
 
 @pytest.fixture(scope="module")

@@ -7,8 +7,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-from live import FAST_OPTIONS, LiveServer, wait_status
-from runs import make_workspace
+from live import FAST_OPTIONS, wait_status, workspace_server
 
 pytest.importorskip("openai")
 
@@ -20,19 +19,17 @@ PROMPTS = ["name[The Eagle], eatType[coffee shop]", "name[Aromi], food[Chinese]"
 
 @pytest.fixture(scope="module")
 def four_adapters(tmp_path_factory):
-    root, _ = make_workspace(tmp_path_factory.mktemp("concurrency"))
-    server = LiveServer(root / "data", {"tiny": root / "model"}, "--workers", "2").start()
-    client = server.client()
-    train = client.files.create(file=(root / "train.jsonl").open("rb"), purpose="fine-tune")
-    jobs = []
-    for k in range(4):  # four different adapters: different seeds and learning rates
-        options = {**FAST_OPTIONS, "train": {**FAST_OPTIONS["train"], "max_steps": 8, "lr": 1e-2 * (k + 1)}}
-        jobs.append(client.fine_tuning.jobs.create(model="tiny", training_file=train.id, seed=k, suffix=f"a{k}",
-                                                   extra_body={"feathertune": options}))
-    models = [wait_status(client, j.id, {"succeeded", "failed"}).fine_tuned_model for j in jobs]
-    assert all(models), "a fine-tuning job failed"
-    yield server, models
-    server.stop()
+    with workspace_server(tmp_path_factory.mktemp("concurrency"), "--workers", "2") as server:
+        client = server.client()
+        train = client.files.create(file=(server.root / "train.jsonl").open("rb"), purpose="fine-tune")
+        jobs = []
+        for k in range(4):  # four different adapters: different seeds and learning rates
+            options = {**FAST_OPTIONS, "train": {**FAST_OPTIONS["train"], "max_steps": 8, "lr": 1e-2 * (k + 1)}}
+            jobs.append(client.fine_tuning.jobs.create(model="tiny", training_file=train.id, seed=k, suffix=f"a{k}",
+                                                       extra_body={"feathertune": options}))
+        models = [wait_status(client, j.id, {"succeeded", "failed"}).fine_tuned_model for j in jobs]
+        assert all(models), "a fine-tuning job failed"
+        yield server, models
 
 
 def test_32_concurrent_requests_over_4_adapters_equal_their_answers_alone(four_adapters):

@@ -23,10 +23,8 @@ import torch
 import feathertune as ft
 from feathertune.errors import ConfigError
 from feathertune.evaluate import eos_ids
-from feathertune.methods.lora import LoraLayer
 from feathertune.service.chat import ChatEngine, ChatRequest, ChatResult
-from feathertune.wrapping import wrapped_layers
-from models import tiny_chat_model_dir
+from models import randomise, tiny_chat_model_dir
 
 transformers = pytest.importorskip("transformers")
 
@@ -67,13 +65,7 @@ def make_adapter(model_dir, out, config, seed: int):
     """An adapter with random, non-zero weights (a freshly attached LoRA adds nothing)."""
     model, _ = load(model_dir)
     ft.attach(model, config, name="x")
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for _, layer in wrapped_layers(model):
-            if isinstance(layer, LoraLayer):
-                for adapter in layer.lora.values():
-                    adapter.A.copy_(torch.randn(adapter.A.shape, generator=g) * 0.3)
-                    adapter.B.copy_(torch.randn(adapter.B.shape, generator=g) * 0.3)
+    randomise(model, seed)
     return ft.save_adapter(model, out)
 
 

@@ -15,8 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
-from live import FAST_OPTIONS, KEY, LiveServer, wait_status
-from runs import make_workspace
+from live import FAST_OPTIONS, KEY, wait_status, workspace_server
 
 sync_api = pytest.importorskip("playwright.sync_api")
 pytest.importorskip("openai")
@@ -35,11 +34,8 @@ WAIT_MS = 30_000
 def finished_job(tmp_path_factory):
     """A live server and one job run to `succeeded` through the openai client, logging every step."""
     started = time.time()
-    root, _ = make_workspace(tmp_path_factory.mktemp("dashboard"))
-    live = LiveServer(root / "data", {"tiny": root / "model"}).start()
-    live.root = root
-    try:
-        client = live.client()
+    with workspace_server(tmp_path_factory.mktemp("dashboard")) as live:
+        root, client = live.root, live.client()
         train = client.files.create(file=(root / "train.jsonl").open("rb"), purpose="fine-tune")
         validation = client.files.create(file=(root / "validation.jsonl").open("rb"), purpose="fine-tune")
         options = json.loads(json.dumps(FAST_OPTIONS))
@@ -52,8 +48,6 @@ def finished_job(tmp_path_factory):
         assert job.status == "succeeded", job.error
         print(f"\n[dashboard] server + job: {time.time() - started:.1f} s")
         yield live, job
-    finally:
-        live.stop()
 
 
 @pytest.fixture(scope="module")

@@ -7,19 +7,15 @@ import csv
 import io
 
 import pytest
-from live import FAST_OPTIONS, LiveServer, wait_status
-from runs import make_workspace
+from live import FAST_OPTIONS, wait_status, workspace_server
 
 openai = pytest.importorskip("openai")
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    root, _ = make_workspace(tmp_path_factory.mktemp("client"))
-    live = LiveServer(root / "data", {"tiny": root / "model"}).start()
-    live.root = root
-    yield live
-    live.stop()
+    with workspace_server(tmp_path_factory.mktemp("client")) as live:
+        yield live
 
 
 @pytest.fixture(scope="module")

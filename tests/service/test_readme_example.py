@@ -10,8 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from live import KEY, LiveServer
-from runs import make_workspace
+from live import KEY, workspace_server
 
 pytest.importorskip("openai")
 REPO = Path(__file__).resolve().parents[2]
@@ -29,9 +28,7 @@ def test_the_readme_example_is_ten_lines():
 
 
 def test_the_readme_example_runs(tmp_path):
-    root, _ = make_workspace(tmp_path)
-    server = LiveServer(root / "data", {"smollm2-135m-instruct": root / "model"}).start()
-    try:
+    with workspace_server(tmp_path, model_name="smollm2-135m-instruct") as server:
         code = readme_example().replace("http://127.0.0.1:8000/v1", server.url)
         assert code != readme_example()
         done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300,
@@ -39,5 +36,3 @@ def test_the_readme_example_runs(tmp_path):
         assert done.returncode == 0, done.stderr[-3000:]
         model, _, answer = done.stdout.strip().partition(" ")
         assert model.startswith("ft:smollm2-135m-instruct:e2e:ftjob-"), done.stdout
-    finally:
-        server.stop()
