@@ -217,8 +217,7 @@ def _job_routes(app: FastAPI, auth: list, store: Store, models: dict[str, str]) 
         files = {f: r for f in named if (r := store.get("files", f)) is not None}
         row = jobs.new_job_row(values, job_id=new_id("ftjob"), models=set(models), files=files)
         row = store.insert("jobs", row)
-        store.insert("events", {"id": new_id("ftevent"), "job_id": row["id"], "level": "info",
-                                "message": f"Created fine-tuning job: {row['id']}", "type": "message", "data": None})
+        store.add_event(row["id"], f"Created fine-tuning job: {row['id']}")
         return job_object(store.get("jobs", row["id"]))
 
     @app.get("/v1/fine_tuning/jobs", dependencies=auth)
@@ -244,7 +243,7 @@ def _job_routes(app: FastAPI, auth: list, store: Store, models: dict[str, str]) 
         if not store.update_job(job_id, when_status=("paused",), status="queued"):
             raise ApiError(400, f"Only a paused job can resume; this one is {row['status']!r}",
                            param="fine_tuning_job_id", code="invalid_job_status")
-        _event(store, job_id, "The job was resumed; it continues from its last checkpoint")
+        store.add_event(job_id, "The job was resumed; it continues from its last checkpoint")
         return job_object(_job_row(store, job_id))
 
     @app.get("/v1/fine_tuning/jobs/{job_id}/events", dependencies=auth)
@@ -320,7 +319,7 @@ def _stop_job(store: Store, job_id: str, action: str) -> dict:
     waiting = ("validating_files", "queued", "paused") if action == "cancel" else ("queued",)
     finished = int(time.time()) if action == "cancel" else None
     if store.update_job(job_id, when_status=waiting, status=target, worker=None, finished_at=finished):
-        _event(store, job_id, f"The job was {target}")
+        store.add_event(job_id, f"The job was {target}")
     elif store.update_job(job_id, when_status=("running",), requested=action):
         deadline = time.time() + STATUS_WAIT_S  # the run stops after its step, at a checkpoint
         while time.time() < deadline and _job_row(store, job_id)["status"] == "running":
@@ -349,11 +348,6 @@ def _model_row(store: Store, models: dict[str, str], model_id: str) -> dict | No
     if row is None and model_id not in models:
         raise ApiError(404, f"The model {model_id!r} does not exist", param="model", code="model_not_found")
     return row
-
-
-def _event(store: Store, job_id: str, message: str) -> None:
-    store.insert("events", {"id": new_id("ftevent"), "job_id": job_id, "level": "info", "message": message,
-                            "type": "message", "data": None})
 
 
 def _copy_limited(upload: UploadFile, target: Path, limit: int) -> int:

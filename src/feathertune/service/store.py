@@ -25,6 +25,8 @@ import time
 from pathlib import Path
 from typing import Any, Iterator
 
+from feathertune.service.paths import new_id
+
 SCHEMA = Path(__file__).with_name("schema.sql")
 JSON_COLUMNS = {"metadata", "method", "options", "error", "result_files", "data", "metrics"}
 TABLES = ("files", "jobs", "events", "checkpoints", "models")
@@ -127,6 +129,12 @@ class Store:
         return rows
 
     # -- jobs -----------------------------------------------------------------------------------
+    def add_event(self, job_id: str, message: str, *, level: str = "info", type: str = "message",
+                  data: dict | None = None) -> None:
+        """A job's event, as its events route lists them (level info/warn/error, type message/metrics)."""
+        self.insert("events", {"id": new_id("ftevent"), "job_id": job_id, "level": level, "message": message,
+                               "type": type, "data": data})
+
     def update_job(self, job_id: str, *, when_status: tuple[str, ...] | None = None,
                    when_worker: str | None = None, **fields: Any) -> bool:
         """Set `fields` of a job, only if its status is one of `when_status` (and, if given, it is

@@ -112,8 +112,7 @@ class Worker:
     # -- shared by JobRun ---------------------------------------------------------------------
     def event(self, job: dict[str, Any], message: str, *, level: str = "info", type: str = "message",
               data: dict | None = None) -> None:
-        self.store.insert("events", {"id": new_id("ftevent"), "job_id": job["id"], "level": level,
-                                     "message": message, "type": type, "data": data})
+        self.store.add_event(job["id"], message, level=level, type=type, data=data)
 
     def _fail(self, job: dict[str, Any], code: str, message: str, param: str | None = None) -> None:
         message = message.replace(str(self.data.root), "<data>")
@@ -262,7 +261,7 @@ class JobRun:
             if steps and max(steps) not in {r["step_number"] for r in self.store.all("checkpoints", job_id=job_id)}:
                 self._add_checkpoint(max(steps), self.run_dir / "adapter", steps)  # the last epoch's, as OpenAI lists it
             self._add_model(model, self.run_dir / "adapter")
-            result = self._result_file()
+            result = self._result_file(steps)
             self.worker.event(self.job, f"New fine-tuned model created: {model}")
             # The last event goes in before the status, so a client that sees the status has it too.
             self.worker.event(self.job, "The job has successfully completed")
@@ -288,9 +287,8 @@ class JobRun:
                      f"see jobs/{job_id}/runner.log in the data directory"}
         self.worker._fail(self.job, error["code"], error["message"])
 
-    def _result_file(self) -> str:
+    def _result_file(self, steps: dict[int, dict]) -> str:
         """step_metrics.csv, OpenAI's result file: one row per logged step."""
-        steps = _steps_of(self.run_dir / "metrics.jsonl")
         out = io.StringIO()
         columns = ["step", "train_loss", "train_accuracy", "valid_loss", "valid_mean_token_accuracy"]
         writer = csv.DictWriter(out, columns, extrasaction="ignore")
