@@ -20,29 +20,49 @@ from torch import nn
 from feathertune.adapters import STATE
 from feathertune.data import Tokenized, collate
 from feathertune.data.batching import IGNORE_INDEX  # labels with this value carry no loss
+from feathertune.wrapping import model_sites
 
 
-def loss_sum(model: nn.Module, inputs: dict[str, torch.Tensor], task: str = "causal_lm") -> torch.Tensor:
+def loss_sum(model: nn.Module, inputs: dict[str, torch.Tensor], task: str = "causal_lm", *,
+             sparse_head: bool = True) -> torch.Tensor:
     """Summed cross-entropy over the batch's targets: supervised tokens (causal LM) or examples.
 
-    Only positions that predict a supervised token need the vocabulary-sized output head: with
-    prompts masked, `logits_to_keep` skips most of its cost and its largest activation.
+    Only positions that predict a supervised token need the vocabulary-sized output head. With
+    `sparse_head` (the default) the model computes it at exactly those positions — a (targets, vocab)
+    block instead of (B, T, vocab): with prompts masked that is a quarter of the positions on chat
+    data, and neither the full logits nor their log-softmax are ever held. Off: logits at every
+    position, the textbook path that A/B checks compare against. Same sum either way.
     """
     if task == "classification":
         logits = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits
         return F.cross_entropy(logits.float(), inputs["labels"], reduction="sum")
     labels = inputs["labels"]  # (B, T)
-    length = labels.shape[1]
-    keep = logits_needed(labels)
-    kwargs = {"logits_to_keep": keep} if keep < length and _accepts_logits_to_keep(model) else {}
-    if STATE in getattr(model, "module", model).__dict__:  # feathertune's pre-hook takes it; a plain model would not
+    inner = getattr(model, "module", model)  # DDP wraps the model
+    kwargs = {}
+    if STATE in inner.__dict__:  # feathertune's pre-hook takes it; a plain model would not
         kwargs["prompt_lengths"] = prompt_lengths(labels, inputs["attention_mask"])
+    if sparse_head and _accepts_logits_to_keep(inner):
+        if _takes_head_mask(inner):
+            keep = torch.zeros_like(labels, dtype=torch.bool)  # (B, T): predicts a supervised token
+            keep[:, :-1] = labels[:, 1:] != IGNORE_INDEX
+            logits = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
+                           logits_to_keep=keep, **kwargs).logits  # (targets, vocab)
+            return F.cross_entropy(logits.float(), labels[:, 1:][keep[:, :-1]], reduction="sum")
+        # Else the trailing positions from the first supervised token on, which any version takes.
+        kwargs["logits_to_keep"] = trailing_positions_needed(labels)
     logits = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], **kwargs).logits
-    kept = logits.shape[1]  # logits[:, j] is position length-kept+j and predicts the token after it
-    targets = labels[:, length - kept + 1:]  # (B, kept-1)
-    logits = logits[:, :-1]  # the last position predicts nothing
-    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1),
+    kept = logits.shape[1]  # logits[:, j] is position T-kept+j and predicts the token after it
+    targets = labels[:, labels.shape[1] - kept + 1:]  # (B, kept-1)
+    return F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), targets.reshape(-1),
                            ignore_index=IGNORE_INDEX, reduction="sum")
+
+
+def _takes_head_mask(model: nn.Module) -> bool:
+    """Whether `logits_to_keep` may be a (B, T) mask: transformers 5 models that slice through
+    `slice_logits_to_keep` (4.x takes a trailing count only), and no prompt tuning, whose virtual
+    tokens lengthen the sequence past the mask."""
+    module = sys.modules.get(type(model).__module__)
+    return getattr(module, "slice_logits_to_keep", None) is not None and not any(model_sites(model))
 
 
 def target_count(row: dict, task: str = "causal_lm") -> int:
@@ -84,7 +104,7 @@ def prompt_lengths(labels: torch.Tensor, attention_mask: torch.Tensor) -> torch.
     return torch.where(before > 0, before, real.sum(-1))
 
 
-def logits_needed(labels: torch.Tensor) -> int:
+def trailing_positions_needed(labels: torch.Tensor) -> int:
     """How many trailing positions hold every logit that predicts a supervised token."""
     supervised = (labels != IGNORE_INDEX).any(dim=0).nonzero()
     if len(supervised) == 0:
@@ -94,5 +114,4 @@ def logits_needed(labels: torch.Tensor) -> int:
 
 
 def _accepts_logits_to_keep(model: nn.Module) -> bool:
-    inner = getattr(model, "module", model)  # DDP wraps the model
-    return "logits_to_keep" in inspect.signature(inner.forward).parameters
+    return "logits_to_keep" in inspect.signature(model.forward).parameters

@@ -139,7 +139,10 @@ def _contestant(name: str, model_name: str, data: str, steps: int, batch: int) -
         from feathertune.adapters import attach
         from feathertune.methods.lora import LoraConfig
 
+        from feathertune.saved_activations import lean_gated_mlp
+
         attach(model, LoraConfig(r=16, alpha=32, dropout=0.0, target_modules="all-linear"))
+        lean_gated_mlp(model)
         step = _feathertune_step(model, bf16=name.endswith("bf16"))
     batches = _batches(tokenizer, data, steps, batch)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-4)

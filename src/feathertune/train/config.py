@@ -37,7 +37,7 @@ TASKS = ("auto", "causal_lm", "classification")
 SCHEDULES = ("cosine", "linear", "constant")
 OPTIMIZERS = ("adamw", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit")
 QUANTIZATIONS = ("nf4",)
-PRECISIONS = ("fp32", "bf16")
+PRECISIONS = ("auto", "fp32", "bf16")
 FORMATS = ("auto", "chat", "alpaca", "prompt_completion", "references", "text", "classification")
 SECTIONS = ("adapter", "data", "train", "eval")
 LORA_SPELLING = "lora"  # accepted for `adapter:` when the method is LoRA (recipes and runs from before `adapter:`)
@@ -93,8 +93,13 @@ class LoopConfig:
     schedule: str = "cosine"  # decay after warm-up: cosine, linear (to 0) or constant
     optimizer: str = "adamw"  # adamw, adamw_8bit, or (CUDA only) paged_adamw_8bit / paged_adamw_32bit
     max_grad_norm: float | None = 1.0  # clip the global gradient norm; null disables
-    precision: str = "fp32"  # fp32, or bf16 autocast (fast on GPUs and AMX CPUs, slower on others)
+    # bf16 autocast where the hardware multiplies bf16 fast (CUDA GPUs that support it, CPUs with AMX or
+    # AVX512-BF16), fp32 elsewhere: without those units bf16 matmuls are several times slower than fp32.
+    precision: str = "auto"  # auto, fp32, or bf16
     gradient_checkpointing: bool = False  # recompute activations in the backward: less memory, ~30% slower
+    # Speed and memory switches, each the same maths as the plain path (off: for A/B checks).
+    sparse_head: bool = True  # output head and cross-entropy only at positions that predict a supervised token
+    lean_mlp: bool = True  # gated MLPs keep 2 of their 4 (tokens × intermediate) activations, recompute the rest
     seed: int = 0  # one seed for init, dropout and data order: same seed, same run
     shuffle: bool = True
     group_by_length: bool = True  # batches of similar lengths: less padding, faster
@@ -129,7 +134,7 @@ class LoopConfig:
             found.append(f"train.schedule={self.schedule!r} is not one of {', '.join(SCHEDULES)}")
         if self.precision not in PRECISIONS:
             found.append(f"train.precision={self.precision!r} is not one of {', '.join(PRECISIONS)}")
-        for key in ("gradient_checkpointing", "shuffle", "group_by_length"):
+        for key in ("gradient_checkpointing", "shuffle", "group_by_length", "sparse_head", "lean_mlp"):
             if not isinstance(getattr(self, key), bool):
                 found.append(f"train.{key}={getattr(self, key)!r} must be true or false")
         return found

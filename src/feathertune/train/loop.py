@@ -35,6 +35,7 @@ from feathertune.data import Tokenized, batch_indices, collate, read_examples, t
 from feathertune.errors import ConfigError, FeathertuneError
 from feathertune.files import write_atomic
 from feathertune.models import load_model, save_model_directory
+from feathertune.saved_activations import lean_gated_mlp
 from feathertune import loss as objective
 from feathertune.train import distributed, state
 from feathertune.train.config import TrainConfig, load_config, resume_changes
@@ -422,8 +423,12 @@ def _prepare_model(config: TrainConfig, task: str, procs: distributed.Processes,
         adapter = dataclasses.replace(adapter, modules_to_save=[head])
     torch.manual_seed(config.train.seed)  # the adapter's initialisation is part of the run's seed
     attach(model, adapter)
-    if config.train.gradient_checkpointing:
+    if config.train.gradient_checkpointing:  # recomputes whole blocks: a lean MLP would save nothing more
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    elif config.train.lean_mlp:
+        lean_gated_mlp(model)
+    if config.train.precision == "auto":
+        say(f"train.precision: auto → {resolved_precision('auto', procs.device)} on this {procs.device.type}")
     trainable, total = trainable_parameters(model)
     say(f"{config.method}: training {trainable:,} of {total:,} parameters ({100 * trainable / total:.2f}%)")
     if trainable > total // 4:
@@ -491,7 +496,7 @@ def _train_step(wrapped, data: Tokenized, batch: list[int], pad_id: int, task: s
         sync = wrapped.no_sync() if procs.distributed and not last else contextlib.nullcontext()
         with sync:
             with _autocast(loop.precision, procs.device):
-                summed = objective.loss_sum(wrapped, inputs, task)
+                summed = objective.loss_sum(wrapped, inputs, task, sparse_head=loop.sparse_head)
             (summed * scale).backward()
         summed_loss += weight * summed.item()
         tokens += int(weight * inputs["attention_mask"].sum())
@@ -595,9 +600,21 @@ def _ddp(model: nn.Module, procs: distributed.Processes, find_unused: bool = Fal
 
 
 def _autocast(precision: str, device: torch.device):
-    if precision == "bf16":
+    if resolved_precision(precision, device) == "bf16":
         return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
+
+
+def resolved_precision(precision: str, device: torch.device) -> str:
+    """`auto` → bf16 where the device multiplies bf16 natively (CUDA with bf16 support; a CPU with
+    AMX tiles or AVX512-BF16), else fp32: emulated bf16 matmuls run several times slower than fp32."""
+    if precision != "auto":
+        return precision
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    native = getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)() or \
+        getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)()
+    return "bf16" if native else "fp32"
 
 
 def _to(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
