@@ -162,11 +162,14 @@ def _contestant(name: str, model_name: str, data: str, steps: int, batch: int) -
             "peak_rss_mib": memory.peak_mib(), "losses": losses, "threads": torch.get_num_threads()}
 
 
-def _inference(model_name: str) -> dict:
+def _inference(model_name: str, new_tokens: int = 32, rounds: int = 7) -> dict:
     """Greedy time per token: the base, LoRA unmerged and merged (feathertune and PEFT), and a batch
-    of 8 rows over 4 adapters against the same batch on one adapter. Ratios within this process."""
+    of 8 rows over 4 adapters against the same batch on one adapter. Every variant is timed once per
+    round, the rounds interleaved, and the median kept: a slow spell of the machine then hits all
+    variants alike instead of whichever ran during it."""
     import copy
 
+    import peft
     import torch
 
     from feathertune.adapters import attach, merge
@@ -176,45 +179,43 @@ def _inference(model_name: str) -> dict:
     base, tokenizer = load_model(model_name)
     base.eval()
     lora = LoraConfig(r=16, alpha=32, dropout=0.0, target_modules="all-linear")
-    prompt = tokenizer("Write a one-sentence description of the restaurant: name[Aromi]", return_tensors="pt")
-    timings = {"base": _per_token(base, prompt)}
     ours = attach(copy.deepcopy(base), lora)
-    timings["feathertune_unmerged"] = _per_token(ours, prompt)
-    timings["feathertune_merged"] = _per_token(merge(ours), prompt)
-    import peft
-
     theirs = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0,
                                                                        target_modules="all-linear"))
-    timings["peft_unmerged"] = _per_token(theirs, prompt)
-    timings["peft_merged"] = _per_token(theirs.merge_and_unload(), prompt)
+    models = {"base": base, "feathertune_unmerged": ours, "feathertune_merged": merge(copy.deepcopy(ours)),
+              "peft_unmerged": theirs, "peft_merged": copy.deepcopy(theirs).merge_and_unload()}
+    prompt = tokenizer("Write a one-sentence description of the restaurant: name[Aromi]", return_tensors="pt")
+
+    def generate(model):
+        return lambda: model.generate(**prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+    per_token = {k: v / new_tokens for k, v in _interleaved_medians({k: generate(m) for k, m in models.items()},
+                                                                     rounds).items()}
+    del models, ours, theirs
     mixed = copy.deepcopy(base)
     for name in ("a", "b", "c", "d"):
         attach(mixed, lora, name=name)
     batch = torch.randint(0, tokenizer.vocab_size, (8, 64), generator=torch.Generator().manual_seed(0))
-    one = _median_seconds(lambda: mixed(input_ids=batch, adapter_names=["a"] * 8))
-    four = _median_seconds(lambda: mixed(input_ids=batch, adapter_names=["a", "b", "c", "d"] * 2))
-    return {"seconds_per_token": timings, "mixed_batch_seconds": {"one_adapter": one, "four_adapters": four}}
+    forwards = _interleaved_medians({"one_adapter": lambda: mixed(input_ids=batch, adapter_names=["a"] * 8),
+                                     "four_adapters": lambda: mixed(input_ids=batch, adapter_names=["a", "b", "c", "d"] * 2)},
+                                    rounds)
+    return {"seconds_per_token": per_token, "mixed_batch_seconds": forwards}
 
 
-def _per_token(model, prompt, new_tokens: int = 32) -> float:
-    def generate():
-        model.generate(**prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
-    return _median_seconds(generate) / new_tokens
-
-
-def _median_seconds(work, repeats: int = 5) -> float:
+def _interleaved_medians(work: dict, rounds: int) -> dict[str, float]:
     import statistics
 
     import torch
 
+    times = {name: [] for name in work}
     with torch.inference_mode():
-        work()  # warm-up
-        times = []
-        for _ in range(repeats):
-            started = time.perf_counter()
-            work()
-            times.append(time.perf_counter() - started)
-    return statistics.median(times)
+        for call in work.values():
+            call()  # warm-up
+        for _ in range(rounds):
+            for name, call in work.items():
+                started = time.perf_counter()
+                call()
+                times[name].append(time.perf_counter() - started)
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 if __name__ == "__main__":
