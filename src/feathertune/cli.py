@@ -139,14 +139,18 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="measure: `bench speed` trains LoRA against the PEFT reference in one run")
     bench = p.add_subparsers(dest="bench", metavar="WHAT", required=True)
     p = bench.add_parser("speed", help="LoRA training throughput and peak memory: feathertune vs PEFT + AdamW",
-                         description="Train LoRA (r=16, all linear layers) with feathertune and with PEFT's "
-                                     "get_peft_model + model(labels=...).loss on the same E2E batches, each in a "
-                                     "process of its own, one after the other; print the ratios.")
+                         description="Train LoRA (r=16, all linear layers) with feathertune, with PEFT's "
+                                     "get_peft_model + model(labels=...).loss and with TRL's SFTTrainer on the same "
+                                     "E2E batches (DoRA and full fine-tuning too), each in a process of its own, one "
+                                     "after the other; time greedy generation; print the ratios. --sweep: "
+                                     "throughput and memory against sequence length and batch size instead.")
     p.add_argument("--model", default=DEFAULT_MODEL)
     p.add_argument("--steps", type=int, default=8, help="measured optimizer steps (after one warm-up step)")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--data", help="a chat JSONL file (default: the repository's data/e2e/train.jsonl)")
-    p.add_argument("--out", help="also write speed.json into this directory")
+    p.add_argument("--out", help="also write speed.json (with --sweep: sweep.json, sweep.md, sweep.png) here")
+    p.add_argument("--sweep", action="store_true", help="PEFT vs feathertune at 128-1024 tokens per row (batch 4) "
+                                                        "and batch 1-8 (256 tokens), --steps measured steps each")
     p.set_defaults(handler=_bench_speed)
     return parser
 
@@ -411,11 +415,14 @@ def _serve(args) -> int:
 
 
 def _bench_speed(args) -> int:
-    from feathertune.speed import run_speed
+    from feathertune.speed import run_speed, run_sweep
 
     if args.steps < 1 or args.batch < 1:
         raise ConfigError(f"--steps={args.steps}, --batch={args.batch}: both must be positive", source="bench speed")
-    run_speed(args.model, args.steps, args.batch, args.data, args.out)
+    if args.sweep:
+        run_sweep(args.model, args.steps, args.data, args.out)
+    else:
+        run_speed(args.model, args.steps, args.batch, args.data, args.out)
     return 0
 
 
