@@ -38,6 +38,7 @@ SCHEDULES = ("cosine", "linear", "constant")
 OPTIMIZERS = ("adamw", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit")
 QUANTIZATIONS = ("nf4",)
 PRECISIONS = ("fp32", "bf16")
+DISTRIBUTED = ("ddp", "fsdp")
 FORMATS = ("auto", "chat", "alpaca", "prompt_completion", "references", "text", "classification")
 SECTIONS = ("adapter", "data", "train", "eval")
 LORA_SPELLING = "lora"  # accepted for `adapter:` when the method is LoRA (recipes and runs from before `adapter:`)
@@ -95,6 +96,7 @@ class LoopConfig:
     max_grad_norm: float | None = 1.0  # clip the global gradient norm; null disables
     precision: str = "fp32"  # fp32, or bf16 autocast (fast on GPUs and AMX CPUs, slower on others)
     gradient_checkpointing: bool = False  # recompute activations in the backward: less memory, ~30% slower
+    distributed: str = "ddp"  # under torchrun: ddp, a model copy per process; fsdp, one shared across them (big bases)
     seed: int = 0  # one seed for init, dropout and data order: same seed, same run
     shuffle: bool = True
     group_by_length: bool = True  # batches of similar lengths: less padding, faster
@@ -129,6 +131,12 @@ class LoopConfig:
             found.append(f"train.schedule={self.schedule!r} is not one of {', '.join(SCHEDULES)}")
         if self.precision not in PRECISIONS:
             found.append(f"train.precision={self.precision!r} is not one of {', '.join(PRECISIONS)}")
+        if self.distributed not in DISTRIBUTED:
+            found.append(f"train.distributed={self.distributed!r} is not one of {', '.join(DISTRIBUTED)} (ddp: "
+                         f"a full copy of the model per process; fsdp: the model sharded across processes)")
+        elif self.distributed == "fsdp" and self.optimizer != "adamw" and self.optimizer in OPTIMIZERS:
+            found.append(f"train.optimizer={self.optimizer} runs bitsandbytes' kernels on whole tensors, which "
+                         f"train.distributed=fsdp shards (DTensors); use train.optimizer=adamw with fsdp, or ddp")
         for key in ("gradient_checkpointing", "shuffle", "group_by_length"):
             if not isinstance(getattr(self, key), bool):
                 found.append(f"train.{key}={getattr(self, key)!r} must be true or false")
