@@ -35,7 +35,8 @@ COMPUTE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def quantize(model: nn.Module, method: str = "nf4", *, double_quant: bool = True,
-             compute_dtype: torch.dtype = torch.float32, skip_modules: list[str] | None = None) -> nn.Module:
+             compute_dtype: torch.dtype = torch.float32, skip_modules: list[str] | None = None,
+             quant_storage: torch.dtype = torch.uint8) -> nn.Module:
     """Replace, in place, every nn.Linear but the output head by a 4-bit bitsandbytes Linear4bit.
 
     Each weight is quantized on its own device (CPU or CUDA) and the float weight is dropped; biases
@@ -50,6 +51,9 @@ def quantize(model: nn.Module, method: str = "nf4", *, double_quant: bool = True
         compute_dtype: the dtype the matmuls run in: float32, bfloat16 or float16.
         skip_modules: module names left in full precision, by PEFT's rule (the full name, or a
             dotted suffix of it, e.g. "v_proj"); everything inside a named module is left too.
+        quant_storage: the dtype the packed 4-bit codes are stored as (the bytes are the same). FSDP
+            shards a model's parameters as floats, so a model to be sharded keeps its codes in a
+            float dtype, its compute dtype (bitsandbytes' advice for FSDP); uint8 otherwise.
 
     Returns:
         the same model.
@@ -58,7 +62,7 @@ def quantize(model: nn.Module, method: str = "nf4", *, double_quant: bool = True
         ConfigError: a bad argument, a skip_modules entry that names no module, bitsandbytes not
             installed, or no layer left to quantize.
     """
-    skip = _check_arguments(model, method, double_quant, compute_dtype, skip_modules)
+    skip = _check_arguments(model, method, double_quant, compute_dtype, skip_modules, quant_storage)
     bnb = _bitsandbytes(f"quantize(method={method!r})")
     if any(is_quantized(m) for m in model.modules()):
         return model
@@ -74,7 +78,7 @@ def quantize(model: nn.Module, method: str = "nf4", *, double_quant: bool = True
         # x·dequant(W)ᵀ, and what dequantize_weight, requantize_weight_ and state_dict() see.
         layer.support_avx512bf16_for_cpu = False
         _store(bnb, layer, linear.weight.detach(), quant_type=method, double_quant=double_quant,
-               blocksize=BLOCKSIZE, quant_storage=torch.uint8)
+               blocksize=BLOCKSIZE, quant_storage=quant_storage)
         if linear.bias is not None:
             layer.bias = linear.bias
         layer.train(linear.training)
@@ -299,7 +303,7 @@ def _parent_of(model: nn.Module, name: str) -> tuple[nn.Module, str]:
     return (model.get_submodule(parent) if parent else model), child
 
 
-def _check_arguments(model, method, double_quant, compute_dtype, skip_modules) -> list[str]:
+def _check_arguments(model, method, double_quant, compute_dtype, skip_modules, quant_storage) -> list[str]:
     """Raise one ConfigError listing every bad argument; return skip_modules as a list."""
     problems = []
     if method not in METHODS:
@@ -312,6 +316,9 @@ def _check_arguments(model, method, double_quant, compute_dtype, skip_modules) -
         named = isinstance(compute_dtype, str) and isinstance(getattr(torch, compute_dtype, None), torch.dtype)
         problems.append(f"compute_dtype={compute_dtype!r} must be one of {', '.join(map(str, COMPUTE_DTYPES))}"
                         + (f" (use torch.{compute_dtype}, not the string)" if named else ""))
+    if quant_storage not in (torch.uint8, *COMPUTE_DTYPES):
+        problems.append(f"quant_storage={quant_storage!r} must be torch.uint8 or one of "
+                        f"{', '.join(map(str, COMPUTE_DTYPES))} (a float one for FSDP)")
     skip = []
     if skip_modules is not None:
         if isinstance(skip_modules, str) or not isinstance(skip_modules, (list, tuple)) \

@@ -38,6 +38,7 @@ SCHEDULES = ("cosine", "linear", "constant")
 OPTIMIZERS = ("adamw", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit")
 QUANTIZATIONS = ("nf4",)
 PRECISIONS = ("auto", "fp32", "bf16")
+DISTRIBUTED = ("ddp", "fsdp")
 FORMATS = ("auto", "chat", "alpaca", "prompt_completion", "references", "text", "classification")
 SECTIONS = ("adapter", "data", "train", "eval")
 LORA_SPELLING = "lora"  # accepted for `adapter:` when the method is LoRA (recipes and runs from before `adapter:`)
@@ -100,6 +101,7 @@ class LoopConfig:
     # Speed and memory switches, each the same maths as the plain path (off: for A/B checks).
     sparse_head: bool = True  # output head and cross-entropy only at positions that predict a supervised token
     lean_mlp: bool = True  # gated MLPs keep 2 of their 4 (tokens × intermediate) activations, recompute the rest
+    distributed: str = "ddp"  # under torchrun: ddp, a model copy per process; fsdp, one shared across them (big bases)
     seed: int = 0  # one seed for init, dropout and data order: same seed, same run
     shuffle: bool = True
     group_by_length: bool = True  # batches of similar lengths: less padding, faster
@@ -134,6 +136,12 @@ class LoopConfig:
             found.append(f"train.schedule={self.schedule!r} is not one of {', '.join(SCHEDULES)}")
         if self.precision not in PRECISIONS:
             found.append(f"train.precision={self.precision!r} is not one of {', '.join(PRECISIONS)}")
+        if self.distributed not in DISTRIBUTED:
+            found.append(f"train.distributed={self.distributed!r} is not one of {', '.join(DISTRIBUTED)} (ddp: "
+                         f"a full copy of the model per process; fsdp: the model sharded across processes)")
+        elif self.distributed == "fsdp" and self.optimizer != "adamw" and self.optimizer in OPTIMIZERS:
+            found.append(f"train.optimizer={self.optimizer} runs bitsandbytes' kernels on whole tensors, which "
+                         f"train.distributed=fsdp shards (DTensors); use train.optimizer=adamw with fsdp, or ddp")
         for key in ("gradient_checkpointing", "shuffle", "group_by_length", "sparse_head", "lean_mlp"):
             if not isinstance(getattr(self, key), bool):
                 found.append(f"train.{key}={getattr(self, key)!r} must be true or false")

@@ -16,11 +16,13 @@ import contextlib
 import dataclasses
 import math
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import torch
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from feathertune.adapters import (
     adapter_parameters,
@@ -37,7 +39,7 @@ from feathertune.files import write_atomic
 from feathertune.models import load_model, save_model_directory
 from feathertune.saved_activations import lean_gated_mlp
 from feathertune import loss as objective
-from feathertune.train import distributed, state
+from feathertune.train import distributed, fsdp, state
 from feathertune.train.config import TrainConfig, load_config, resume_changes
 from feathertune.train.metrics import MetricsLog, plot_losses
 from feathertune.train.report import final_report
@@ -150,12 +152,17 @@ class _Training:
         self.plan, self.procs, self.say = plan, procs, say
         self.loop = loop = plan.config.train
         self.pad_id = plan.tokenizer.pad_token_id
+        # Before the optimizer: FSDP replaces the parameters by their shards. (DDP: the probe's steps
+        # leave the rest without grads.)
+        self.wrapped = _wrap(plan.model, procs, loop.distributed, find_unused=loop.lp_steps > 0)
+        self.sharded = fsdp.is_sharded(plan.model)  # then every forward takes every process
         params = [p for p in plan.model.parameters() if p.requires_grad]
         self.optimizer = build_optimizer(loop, params, procs.device, say)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, _schedule(loop.schedule, loop.warmup_steps, plan.total_steps))
         self.start = self._resume() if resume else 0
-        measure_base = plan.val_tok is not None and loop.eval_every and self.start == 0 and procs.is_main
+        measure_base = plan.val_tok is not None and loop.eval_every and self.start == 0 and \
+            (procs.is_main or self.sharded)
         self.base_loss = None
         if measure_base:  # the base itself: an adapter that is not zero-initialised (prompts) already differs
             with disabled(plan.model):
@@ -163,7 +170,6 @@ class _Training:
         self.metrics = _open_run_directory(plan.out, plan.config, self.start if resume else None, procs)
         if self.base_loss is not None and self.metrics is not None:
             self.metrics.write({"step": 0, "eval_loss": self.base_loss})  # the curve's starting point in loss.png
-        self.wrapped = _ddp(plan.model, procs, find_unused=loop.lp_steps > 0)  # the probe's steps leave the rest without grads
         self.probe = LinearProbe(plan.model, loop.lp_steps)
         self.batches = _EpochBatches(plan.train_tok.lengths, plan.global_batch, plan.steps_per_epoch, loop)
         self.throughput = _Throughput()
@@ -245,33 +251,49 @@ class _Training:
         plan, procs, loop = self.plan, self.procs, self.loop
         due = loop.checkpoint_every and done % loop.checkpoint_every == 0
         stopping = stop is not None and done != plan.total_steps and distributed.broadcast_flag(procs, bool(stop()))
-        if (due or stopping) and done != plan.total_steps and procs.is_main:
-            state.save_checkpoint(plan.out, done, plan.model, self.optimizer, self.scheduler,
-                                  max(loop.keep_checkpoints, 1),
-                                  {"epoch": (done - 1) // plan.steps_per_epoch, "total_steps": plan.total_steps})
+        if (due or stopping) and done != plan.total_steps:
+            extra = {"epoch": (done - 1) // plan.steps_per_epoch, "total_steps": plan.total_steps}
+            with fsdp.gathered(plan.model):  # a sharded run: every process gathers the full tensors, rank 0 writes
+                optimizer_state = fsdp.full_optimizer_state(self.optimizer)
+                if procs.is_main:
+                    state.save_checkpoint(plan.out, done, plan.model, optimizer_state, self.scheduler,
+                                          max(loop.keep_checkpoints, 1), extra)
         distributed.barrier(procs)
         return stopping
 
     def finish(self, training: dict) -> RunResult:
-        """The adapter, then the evaluation, the report and the loss plot (main process only)."""
+        """The adapter, then the evaluation, the report and the loss plot (main process only; a
+        sharded model is evaluated by every process together, and only the main one writes)."""
         plan, procs = self.plan, self.procs
         config, out = plan.config, plan.out
         adapter_dir = out / "adapter"
         result_metrics: dict = {}
+        with fsdp.gathered(plan.model):
+            if procs.is_main:
+                save_adapter(plan.model, adapter_dir)
+        if self.sharded and not procs.is_main:
+            with tempfile.TemporaryDirectory() as scratch:  # its copy of eval.json and samples.md
+                self.report(training, Path(scratch))
         if procs.is_main:
-            save_adapter(plan.model, adapter_dir)
-            result_metrics = final_report(plan.model, plan.tokenizer, config, plan.task, plan.val_set, plan.val_tok,
-                                          out, self.say, validation_loss=self.validation_loss,
-                                          base_eval_loss=self.base_loss, training=training)
+            result_metrics = self.report(training, out)
             if self.metrics is not None and "eval_loss" in result_metrics:
                 self.metrics.write({"step": plan.total_steps, "eval_loss": result_metrics["eval_loss"]})
             self.metrics.close()
             plot_losses(out / "metrics.jsonl", out / "loss.png", title=f"{config.model} + {config.method}")
-            if config.method == FULL:  # what people deploy a full fine-tune as: a plain model directory
+            if config.method == FULL and self.sharded:  # one process cannot gather a sharded base alone
+                self.say(f"a sharded run writes no model/: `feathertune merge --adapter {out} --out {out / 'model'}` "
+                         f"writes it from adapter/, which holds every trained tensor")
+            elif config.method == FULL:  # what people deploy a full fine-tune as: a plain model directory
                 save_model_directory(merge(plan.model), plan.tokenizer, out / "model")
                 self.say(f"full model written to {out / 'model'} (transformers' from_pretrained loads it)")
         distributed.barrier(procs)
         return RunResult(output=out, adapter=adapter_dir, steps=plan.total_steps, metrics=result_metrics)
+
+    def report(self, training: dict, out: Path) -> dict:
+        plan = self.plan
+        return final_report(plan.model, plan.tokenizer, plan.config, plan.task, plan.val_set, plan.val_tok, out,
+                            self.say, validation_loss=self.validation_loss, base_eval_loss=self.base_loss,
+                            training=training)
 
 
 class _EpochBatches:
@@ -409,7 +431,9 @@ def _prepare_model(config: TrainConfig, task: str, procs: distributed.Processes,
         from feathertune.quant import quantize, quantized_bytes
 
         # On the device, so CUDA gets CUDA kernels; a new classification head trains in full.
-        quantize(model, config.quantization, skip_modules=[head] if head else None)
+        # FSDP shards floats: a sharded run stores the 4-bit codes as float32, the compute dtype.
+        storage = torch.float32 if procs.distributed and config.train.distributed == "fsdp" else torch.uint8
+        quantize(model, config.quantization, skip_modules=[head] if head else None, quant_storage=storage)
         held = quantized_bytes(model)
         say(f"{config.quantization}: {held['layers']} linear layers in {held['bytes'] / 2**20:.1f} MiB "
             f"({held['bytes_per_parameter']:.3f} bytes per parameter)")
@@ -483,17 +507,19 @@ def _train_step(wrapped, data: Tokenized, batch: list[int], pad_id: int, task: s
     """Forward/backward this process's share of one global batch; returns (loss sum, count, tokens)."""
     share = _split(batch, procs.world)[procs.rank]
     weight = 1.0
-    if not share:  # a short last batch: still take part in DDP's gradient all-reduce, contributing 0
+    if not share:  # a short last batch: still take part in DDP's and FSDP's collectives, contributing 0
         share, weight = batch[:1], 0.0
     micro = [m for m in _split(share, loop.grad_accum) if m]
     # Every process counts the whole global batch's targets itself: no communication needed.
     denominator = sum(objective.target_count(data.rows[i], task) for i in batch)
-    scale = weight * procs.world / max(denominator, 1)  # DDP averages gradients over processes
+    scale = weight * procs.world / max(denominator, 1)  # DDP and FSDP average gradients over processes
     summed_loss, tokens = 0.0, 0
     for k, indices in enumerate(micro):
         inputs = _to(collate([data.rows[i] for i in indices], pad_id), procs.device)
         last = k == len(micro) - 1
-        sync = wrapped.no_sync() if procs.distributed and not last else contextlib.nullcontext()
+        # DDP all-reduces on the last micro-batch only; FSDP reduce-scatters each, to keep gradients sharded.
+        sync = wrapped.no_sync() if isinstance(wrapped, DistributedDataParallel) and not last else \
+            contextlib.nullcontext()
         with sync:
             with _autocast(loop.precision, procs.device):
                 summed = objective.loss_sum(wrapped, inputs, task, sparse_head=loop.sparse_head)
@@ -590,11 +616,13 @@ def _schedule(name: str, warmup: int, total: int):
     return factor
 
 
-def _ddp(model: nn.Module, procs: distributed.Processes, find_unused: bool = False):
+def _wrap(model: nn.Module, procs: distributed.Processes, how: str, find_unused: bool = False):
+    """The model as the training step calls it: itself in one process; under torchrun, DDP's
+    wrapper, or (train.distributed=fsdp) the model itself, its parameters sharded in place."""
     if not procs.distributed:
         return model
-    from torch.nn.parallel import DistributedDataParallel
-
+    if how == "fsdp":
+        return fsdp.shard(model)
     ids = [procs.device.index] if procs.device.type == "cuda" else None
     return DistributedDataParallel(model, device_ids=ids, find_unused_parameters=find_unused)
 

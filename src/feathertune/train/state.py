@@ -8,6 +8,10 @@
 A checkpoint is written into a hidden temporary directory and renamed into place, so a directory
 named step-N is always complete; a kill mid-write leaves only a temporary directory, which the next
 run removes. safetensors and JSON only: nothing is unpickled on resume.
+
+A sharded (FSDP) run writes the same files, from full tensors that every process gathered first
+(see fsdp.py), so it resumes sharded or not, on any number of processes; on resume each process
+keeps its shard of the full tensors read.
 """
 
 from __future__ import annotations
@@ -27,14 +31,19 @@ from feathertune.adapters import adapter_parameters
 from feathertune.checkpoint import restore_tensors, save_adapter
 from feathertune.errors import AdapterMismatchError
 from feathertune.file_layout import WEIGHTS_FILE
+from feathertune.train import fsdp
 
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 ADAPTER_KEY = "adapter/"  # trainer.safetensors: the adapter's parameters, in the sites' order
 
 
-def save_checkpoint(run_dir: Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
+def save_checkpoint(run_dir: Path, step: int, model: nn.Module, optimizer_state: dict[str, Any],
                     scheduler: torch.optim.lr_scheduler.LRScheduler, keep: int, extra: dict[str, Any]) -> Path:
-    """Write checkpoints/step-<step>/ atomically and keep only the newest `keep` checkpoints."""
+    """Write checkpoints/step-<step>/ atomically and keep only the newest `keep` checkpoints.
+
+    `optimizer_state` is the optimizer's state_dict() with full tensors (fsdp.full_optimizer_state),
+    and a sharded `model` is inside fsdp.gathered: this writes what it is given, on one process.
+    """
     root = run_dir / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:06d}"
@@ -42,7 +51,7 @@ def save_checkpoint(run_dir: Path, step: int, model: nn.Module, optimizer: torch
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     save_adapter(model, tmp / "adapter")
-    tensors, meta = _optimizer_to_flat(optimizer.state_dict())
+    tensors, meta = _optimizer_to_flat(optimizer_state)
     # The adapter's parameters as they train, beside the file that holds them as they deploy: the two
     # differ where a method folds its training form away on saving (prefix tuning's MLP).
     for index, param in enumerate(adapter_parameters(model, "default")):
@@ -88,11 +97,13 @@ def read_record(path: Path) -> dict[str, Any]:
 
 def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
                     scheduler: torch.optim.lr_scheduler.LRScheduler) -> dict[str, Any]:
-    """Restore adapter weights, optimizer, scheduler and RNGs from `path`; returns trainer.json."""
+    """Restore adapter weights, optimizer, scheduler and RNGs from `path`; returns trainer.json.
+    A sharded model's parameters and the optimizer's moments each keep this process's shard."""
     record = read_record(path)
     tensors = load_file(str(path / "trainer.safetensors"))
     _copy_adapter_weights(model, path, tensors)
-    optimizer.load_state_dict(_optimizer_from_flat(tensors, record["optimizer"]))
+    saved = _optimizer_from_flat(tensors, record["optimizer"])
+    optimizer.load_state_dict(fsdp.placed_optimizer_state(optimizer, saved))
     scheduler.load_state_dict(record["scheduler"])
     torch.set_rng_state(tensors["rng/torch"])
     cuda_states = [tensors[k] for k in sorted(tensors) if k.startswith("rng/cuda/")]
@@ -116,7 +127,7 @@ def _copy_adapter_weights(model: nn.Module, path: Path, tensors: dict[str, torch
                                    f"{len(params)} adapter parameters; was the config changed since the checkpoint?")
     with torch.no_grad():
         for param, value in zip(params, saved):
-            param.copy_(value)
+            param.copy_(fsdp.placed(param, value))
 
 
 def _optimizer_to_flat(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
