@@ -36,7 +36,8 @@ def _batches(seed: int = 0, count: int = 4) -> list[dict[str, torch.Tensor]]:
     return batches
 
 
-def _train(config: LoraConfig, *, sparse_head: bool, lean: bool) -> tuple[list[float], list[list[torch.Tensor]]]:
+def _train(config: LoraConfig, *, sparse_head: bool, lean: bool, mask_free: bool = False
+           ) -> tuple[list[float], list[list[torch.Tensor]]]:
     """Losses and every step's adapter gradients over STEPS AdamW steps."""
     model = tiny_llama(seed=0)
     torch.manual_seed(1)
@@ -54,7 +55,8 @@ def _train(config: LoraConfig, *, sparse_head: bool, lean: bool) -> tuple[list[f
     for step in range(STEPS):
         torch.manual_seed(100 + step)  # the same dropout masks in both runs
         inputs = batches[step % len(batches)]
-        loss = loss_sum(model, inputs, sparse_head=sparse_head) / (inputs["labels"][:, 1:] != -100).sum()
+        loss = loss_sum(model, inputs, sparse_head=sparse_head, mask_free_attention=mask_free) \
+            / (inputs["labels"][:, 1:] != -100).sum()
         loss.backward()
         losses.append(loss.item())
         grads.append([p.grad.detach().clone() for p in params])
@@ -86,6 +88,30 @@ def test_lean_mlp_trains_as_the_plain_mlp(config):
     plain, lean = _train(config, sparse_head=False, lean=False), _train(config, sparse_head=False, lean=True)
     _assert_same_training(plain, lean)
     assert plain[0] == lean[0]  # the same operations in the same order: bitwise, not just close
+
+
+@pytest.mark.parametrize("config", [LoraConfig(r=4, alpha=8, dropout=0.0),
+                                    LoraConfig(r=4, alpha=8, dropout=0.1, use_dora=True)],
+                         ids=["lora", "dora-dropout"])
+def test_mask_free_attention_trains_as_the_padding_mask(config):
+    _assert_same_training(_train(config, sparse_head=False, lean=False),
+                          _train(config, sparse_head=False, lean=False, mask_free=True))
+
+
+def test_the_padding_mask_stays_where_it_matters(monkeypatch):
+    """Left padding, or an adapter that reads the mask (ReFT's positions), keeps it; right padding drops it."""
+    from feathertune.loss import _mask_is_redundant
+    from feathertune.methods.reft import ReftConfig
+
+    model = tiny_llama()
+    attach(model, LoraConfig(r=4, alpha=8))
+    right = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1]])
+    assert _mask_is_redundant(model, right) and not _mask_is_redundant(model, right.flip(-1))
+    reft = tiny_llama()
+    attach(reft, ReftConfig())
+    assert not _mask_is_redundant(reft, right)
+    from models import tiny_gpt2
+    assert not _mask_is_redundant(tiny_gpt2(), right)  # not a *ForCausalLM class: left as it is
 
 
 def test_lean_mlp_keeps_two_of_four_intermediate_activations_and_undoes():
@@ -136,7 +162,7 @@ def test_the_loop_trains_the_same_with_every_switch_off(tmp_path):
     config["train"].update({"max_steps": 4, "checkpoint_every": 0, "precision": "fp32"})
     config["eval"] = {"max_new_tokens": 2, "batch_size": 4, "samples": 0, "compare_base": False}
     losses = {}
-    for name, switches in {"fast": {}, "plain": {"sparse_head": False, "lean_mlp": False}}.items():
+    for name, switches in {"fast": {}, "plain": {"sparse_head": False, "lean_mlp": False, "mask_free_attention": False}}.items():
         path = write_config(root, config, name, train=switches, output=str(root / name))
         run(load_config(path), log=lambda *a: None)
         records = [json.loads(line) for line in (root / name / "metrics.jsonl").read_text().splitlines()]

@@ -20,11 +20,11 @@ from torch import nn
 from feathertune.adapters import STATE
 from feathertune.data import Tokenized, collate
 from feathertune.data.batching import IGNORE_INDEX  # labels with this value carry no loss
-from feathertune.wrapping import model_sites
+from feathertune.wrapping import adapter_sites, model_sites
 
 
 def loss_sum(model: nn.Module, inputs: dict[str, torch.Tensor], task: str = "causal_lm", *,
-             sparse_head: bool = True) -> torch.Tensor:
+             sparse_head: bool = True, mask_free_attention: bool = True) -> torch.Tensor:
     """Summed cross-entropy over the batch's targets: supervised tokens (causal LM) or examples.
 
     Only positions that predict a supervised token need the vocabulary-sized output head. With
@@ -32,6 +32,11 @@ def loss_sum(model: nn.Module, inputs: dict[str, torch.Tensor], task: str = "cau
     block instead of (B, T, vocab): with prompts masked that is a quarter of the positions on chat
     data, and neither the full logits nor their log-softmax are ever held. Off: logits at every
     position, the textbook path that A/B checks compare against. Same sum either way.
+
+    With `mask_free_attention`, a right-padded batch goes in without its attention mask where no
+    adapter reads it: under causal attention every pad comes after every real token of its row, so
+    no real token can see one, and the pads' own outputs carry no loss. Without a mask SDPA runs its
+    causal kernel (half the score blocks) on grouped keys and values as they are, not repeated.
     """
     if task == "classification":
         logits = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits
@@ -41,16 +46,19 @@ def loss_sum(model: nn.Module, inputs: dict[str, torch.Tensor], task: str = "cau
     kwargs = {}
     if STATE in inner.__dict__:  # feathertune's pre-hook takes it; a plain model would not
         kwargs["prompt_lengths"] = prompt_lengths(labels, inputs["attention_mask"])
+    mask = inputs["attention_mask"]
+    if mask_free_attention and _mask_is_redundant(inner, mask):
+        mask = None
     if sparse_head and _accepts_logits_to_keep(inner):
         if _takes_head_mask(inner):
             keep = torch.zeros_like(labels, dtype=torch.bool)  # (B, T): predicts a supervised token
             keep[:, :-1] = labels[:, 1:] != IGNORE_INDEX
-            logits = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
-                           logits_to_keep=keep, **kwargs).logits  # (targets, vocab)
+            logits = model(input_ids=inputs["input_ids"], attention_mask=mask, logits_to_keep=keep,
+                           **kwargs).logits  # (targets, vocab)
             return F.cross_entropy(logits.float(), labels[:, 1:][keep[:, :-1]], reduction="sum")
         # Else the trailing positions from the first supervised token on, which any version takes.
         kwargs["logits_to_keep"] = trailing_positions_needed(labels)
-    logits = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], **kwargs).logits
+    logits = model(input_ids=inputs["input_ids"], attention_mask=mask, **kwargs).logits
     kept = logits.shape[1]  # logits[:, j] is position T-kept+j and predicts the token after it
     targets = labels[:, labels.shape[1] - kept + 1:]  # (B, kept-1)
     return F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), targets.reshape(-1),
@@ -63,6 +71,13 @@ def _takes_head_mask(model: nn.Module) -> bool:
     tokens lengthen the sequence past the mask."""
     module = sys.modules.get(type(model).__module__)
     return getattr(module, "slice_logits_to_keep", None) is not None and not any(model_sites(model))
+
+
+def _mask_is_redundant(model: nn.Module, mask: torch.Tensor) -> bool:
+    """Right padding only (every row 1…1 0…0), a causal decoder, and no adapter site that reads the mask."""
+    causal = type(model).__name__.endswith("ForCausalLM") and not getattr(model.config, "is_encoder_decoder", False)
+    right_padded = bool((mask[:, 1:] <= mask[:, :-1]).all())
+    return causal and right_padded and not any(site.needs_attention_mask for _, site in adapter_sites(model))
 
 
 def target_count(row: dict, task: str = "causal_lm") -> int:

@@ -21,6 +21,8 @@ from feathertune.wrapping import WrappedLayer, inside_wrapper, site_at
 class ModulesToSave(WrappedLayer):
     """A frozen original module and one trainable copy of it per adapter."""
 
+    needs_attention_mask = False  # the wrapped module gets its arguments, mask included, as they come
+
     def __init__(self, base: nn.Module):
         super().__init__(base)
         self.copies = nn.ModuleDict()

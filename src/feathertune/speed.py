@@ -274,7 +274,7 @@ def _contestant(name: str, model_name: str, data: str, steps: int, batch: int, l
 
 def _trl_contestant(model, tokenizer, data: str, steps: int, batch: int) -> dict:
     """TRL's SFTTrainer on the same tokenized rows (prompt masked through `completion_mask`), in the
-    same order (sequential sampler), LoRA through its `peft_config`, AdamW at a constant 2e-4, no
+    same order (sequential sampler), LoRA through its `peft_config`, fp32 (TRL defaults to bf16), AdamW at a constant 2e-4, no
     gradient clipping (the other contestants clip none either); timed from the end of the first step."""
     import tempfile
 
@@ -304,7 +304,7 @@ def _trl_contestant(model, tokenizer, data: str, steps: int, batch: int) -> dict
                            lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, max_grad_norm=0.0,
                            optim="adamw_torch", logging_steps=1, report_to="none", save_strategy="no",
                            completion_only_loss=True, train_sampling_strategy="sequential", use_cpu=True,
-                           dataloader_num_workers=0, disable_tqdm=True, seed=0)
+                           dataloader_num_workers=0, disable_tqdm=True, seed=0, bf16=False)  # TRL defaults to bf16
         trainer = SFTTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer,
                              peft_config=peft.LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear"),
                              callbacks=[Clock()])

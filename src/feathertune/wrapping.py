@@ -42,6 +42,11 @@ class ForwardContext:
 class AdapterSite(nn.Module):
     """A module that carries named adapters. Subclasses implement the adapter-facing methods."""
 
+    # Whether the site reads the padding mask or token positions itself (the forward context, or the
+    # mask among its layer's arguments). Where no site does, the loss may leave out a right-padded
+    # batch's attention mask, which causal attention makes redundant (see loss.loss_sum).
+    needs_attention_mask = True
+
     def __init__(self):
         super().__init__()
         self.active: list[str] = []  # adapters that run in the forward

@@ -118,6 +118,8 @@ class BottleneckLayer(WrappedLayer):
     several active adapters do everywhere in feathertune.
     """
 
+    needs_attention_mask = False  # a function of each position's input alone
+
     def __init__(self, base: nn.Module):
         super().__init__(base)
         self.bottleneck = nn.ModuleDict()

@@ -89,6 +89,8 @@ class IA3Config(MethodConfig):
 class IA3Layer(WrappedLayer):
     """Named (IA)³ vectors around one nn.Linear or HF Conv1D (weight stored (in, out))."""
 
+    needs_attention_mask = False  # a function of each position's input alone
+
     def __init__(self, base: nn.Module):
         super().__init__(base)
         self.ia3_l = nn.ParameterDict()  # name -> (out, 1) or (1, in), PEFT's layout

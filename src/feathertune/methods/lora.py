@@ -151,6 +151,8 @@ class LoraAdapter(nn.Module):
 class LoraLayer(WrappedLayer):
     """Carries named LoRA adapters around one base layer. Subclasses say how the base computes."""
 
+    needs_attention_mask = False  # a function of each position's input alone
+
     channel_dim = -1  # where output features sit in the base's output
 
     def __init__(self, base: nn.Module):

@@ -86,6 +86,8 @@ class PartialLayer(WrappedLayer):
     (torch.func.functional_call), so the module itself is never changed until `merge`.
     """
 
+    needs_attention_mask = False  # the wrapped module gets its arguments, mask included, as they come
+
     def __init__(self, base: nn.Module):
         super().__init__(base)
         self.tuned = nn.ModuleDict()  # adapter -> ParameterDict(tensor name -> trainable copy)

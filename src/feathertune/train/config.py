@@ -101,6 +101,7 @@ class LoopConfig:
     # Speed and memory switches, each the same maths as the plain path (off: for A/B checks).
     sparse_head: bool = True  # output head and cross-entropy only at positions that predict a supervised token
     lean_mlp: bool = True  # gated MLPs keep 2 of their 4 (tokens × intermediate) activations, recompute the rest
+    mask_free_attention: bool = True  # right-padded causal batches need no padding mask: SDPA's causal kernel
     distributed: str = "ddp"  # under torchrun: ddp, a model copy per process; fsdp, one shared across them (big bases)
     seed: int = 0  # one seed for init, dropout and data order: same seed, same run
     shuffle: bool = True
@@ -142,7 +143,8 @@ class LoopConfig:
         elif self.distributed == "fsdp" and self.optimizer != "adamw" and self.optimizer in OPTIMIZERS:
             found.append(f"train.optimizer={self.optimizer} runs bitsandbytes' kernels on whole tensors, which "
                          f"train.distributed=fsdp shards (DTensors); use train.optimizer=adamw with fsdp, or ddp")
-        for key in ("gradient_checkpointing", "shuffle", "group_by_length", "sparse_head", "lean_mlp"):
+        for key in ("gradient_checkpointing", "shuffle", "group_by_length", "sparse_head", "lean_mlp",
+                    "mask_free_attention"):
             if not isinstance(getattr(self, key), bool):
                 found.append(f"train.{key}={getattr(self, key)!r} must be true or false")
         return found

@@ -522,7 +522,8 @@ def _train_step(wrapped, data: Tokenized, batch: list[int], pad_id: int, task: s
             contextlib.nullcontext()
         with sync:
             with _autocast(loop.precision, procs.device):
-                summed = objective.loss_sum(wrapped, inputs, task, sparse_head=loop.sparse_head)
+                summed = objective.loss_sum(wrapped, inputs, task, sparse_head=loop.sparse_head,
+                                            mask_free_attention=loop.mask_free_attention)
             (summed * scale).backward()
         summed_loss += weight * summed.item()
         tokens += int(weight * inputs["attention_mask"].sum())
