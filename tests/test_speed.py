@@ -32,6 +32,7 @@ def test_bench_speed_compares_the_same_training_in_two_processes(tmp_path):
     assert all(t > 0 for t in per_token.values()) and report["inference"]["mixed_batch_seconds"]["four_adapters"] > 0
 
 
+@pytest.mark.slow  # 6 training processes; the contestants themselves are in the default suite above
 def test_bench_speed_sweep_writes_a_table_and_a_plot(tmp_path):
     from feathertune.speed import run_sweep
 
