@@ -189,8 +189,8 @@ def _fixed_length_batches(tokenizer, data: str, steps: int, batch: int, length: 
     """Rows of exactly `length` tokens cut from the E2E chat stream, the last 30% supervised."""
     import torch
 
-    stream = [t for row in _rows(tokenizer, data, 4000) for t in row["input_ids"]]
     need = (steps + 1) * batch * length
+    stream = [t for row in _rows(tokenizer, data, need // 50 + 1) for t in row["input_ids"]]  # rows: ~110 tokens
     stream = stream * (need // len(stream) + 1)  # a small data file repeats
     ids = torch.tensor(stream[:need]).view(steps + 1, batch, length)
     labels = ids.clone()
