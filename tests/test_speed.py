@@ -11,6 +11,21 @@ from runs import make_workspace
 pytest.importorskip("peft")
 
 
+def test_the_contestants_train_the_same_rows_to_the_same_first_loss(tmp_path):
+    """In this process (the whole bench, a process per contestant, is in the slow tier below)."""
+    from feathertune.speed import _contestant
+
+    root, _ = make_workspace(tmp_path)
+    model, data = str(root / "model"), str(root / "train.jsonl")
+    results = {name: _contestant(name, model, data, steps=1, batch=4) for name in ("peft", "trl", "feathertune")}
+    for name, result in results.items():
+        assert len(result["losses"]) == 2 and result["examples_per_s"] > 0 and result["peak_rss_mib"] > 0, name
+    first = results["peft"]["losses"][0]
+    assert abs(results["feathertune"]["losses"][0] - first) < 1e-5 * abs(first)
+    assert abs(results["trl"]["losses"][0] - first) < 1e-4  # TRL averages in its own order
+
+
+@pytest.mark.slow  # eight training processes and the decoding benchmark: about two minutes
 def test_bench_speed_compares_the_same_training_in_two_processes(tmp_path):
     from feathertune.speed import run_speed
 
