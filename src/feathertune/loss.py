@@ -41,6 +41,30 @@ def loss_sum(model: nn.Module, inputs: dict[str, torch.Tensor], task: str = "cau
     if task == "classification":
         logits = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits
         return F.cross_entropy(logits.float(), inputs["labels"], reduction="sum")
+    logits, targets, _ = supervised_logits(model, inputs, sparse_head=sparse_head,
+                                           mask_free_attention=mask_free_attention)
+    return F.cross_entropy(_at_least_fp32(logits), targets, reduction="sum")
+
+
+def _at_least_fp32(logits: torch.Tensor) -> torch.Tensor:
+    """bf16/fp16 logits in fp32 for the softmax; fp64 (reference checks) stays fp64."""
+    return logits.to(torch.promote_types(logits.dtype, torch.float32))
+
+
+def sequence_logps(model: nn.Module, inputs: dict[str, torch.Tensor], *, sparse_head: bool = True,
+                   mask_free_attention: bool = True) -> torch.Tensor:
+    """(B,) per row, Σ over its supervised tokens of log p(x_t | x_<t): a response's log-probability,
+    the quantity preference objectives (DPO) compare. Same forward as `loss_sum`."""
+    logits, targets, rows = supervised_logits(model, inputs, sparse_head=sparse_head,
+                                              mask_free_attention=mask_free_attention)
+    token_logps = -F.cross_entropy(_at_least_fp32(logits), targets, reduction="none")  # (targets,)
+    return token_logps.new_zeros(inputs["labels"].shape[0]).index_add(0, rows, token_logps)
+
+
+def supervised_logits(model: nn.Module, inputs: dict[str, torch.Tensor], *, sparse_head: bool = True,
+                      mask_free_attention: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The causal LM's logits at the positions that predict a supervised token: (targets, vocab),
+    with those tokens (targets,) and the row each comes from (targets,), in row-major order."""
     labels = inputs["labels"]  # (B, T)
     inner = getattr(model, "module", model)  # DDP wraps the model
     kwargs = {}
@@ -49,20 +73,20 @@ def loss_sum(model: nn.Module, inputs: dict[str, torch.Tensor], task: str = "cau
     mask = inputs["attention_mask"]
     if mask_free_attention and _mask_is_redundant(inner, mask):
         mask = None
+    keep = torch.zeros_like(labels, dtype=torch.bool)  # (B, T): the position predicts a supervised token
+    keep[:, :-1] = labels[:, 1:] != IGNORE_INDEX
+    rows = keep.nonzero()[:, 0]
     if sparse_head and _accepts_logits_to_keep(inner):
         if _takes_head_mask(inner):
-            keep = torch.zeros_like(labels, dtype=torch.bool)  # (B, T): predicts a supervised token
-            keep[:, :-1] = labels[:, 1:] != IGNORE_INDEX
             logits = model(input_ids=inputs["input_ids"], attention_mask=mask, logits_to_keep=keep,
                            **kwargs).logits  # (targets, vocab)
-            return F.cross_entropy(logits.float(), labels[:, 1:][keep[:, :-1]], reduction="sum")
+            return logits, labels[:, 1:][keep[:, :-1]], rows
         # Else the trailing positions from the first supervised token on, which any version takes.
         kwargs["logits_to_keep"] = trailing_positions_needed(labels)
     logits = model(input_ids=inputs["input_ids"], attention_mask=mask, **kwargs).logits
+    logits = logits[:, -labels.shape[1]:]  # virtual tokens (prompt tuning), where a model returns them, come first
     kept = logits.shape[1]  # logits[:, j] is position T-kept+j and predicts the token after it
-    targets = labels[:, labels.shape[1] - kept + 1:]  # (B, kept-1)
-    return F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), targets.reshape(-1),
-                           ignore_index=IGNORE_INDEX, reduction="sum")
+    return logits[keep[:, labels.shape[1] - kept:]], labels[:, 1:][keep[:, :-1]], rows
 
 
 def _takes_head_mask(model: nn.Module) -> bool:
@@ -81,16 +105,18 @@ def _mask_is_redundant(model: nn.Module, mask: torch.Tensor) -> bool:
 
 
 def target_count(row: dict, task: str = "causal_lm") -> int:
-    """How many targets a tokenized row adds to a loss sum (its denominator's share)."""
-    if task == "classification":
+    """How many targets a tokenized row adds to a loss sum (its denominator's share): a preference
+    pair and a classified example count one, a causal LM row its supervised tokens."""
+    if task == "classification" or "rejected_input_ids" in row:
         return 1
     return sum(1 for t in row["labels"][1:] if t != IGNORE_INDEX)  # the first token is never predicted
 
 
 @torch.no_grad()
-def mean_loss(model: nn.Module, data: Tokenized, pad_id: int, task: str, batch_size: int) -> float:
-    """Mean cross-entropy per target over a tokenized data set, in eval mode (restored after).
-    Rows go shortest first in batches of `batch_size` (less padding)."""
+def mean_loss(model: nn.Module, data: Tokenized, pad_id: int, task: str, batch_size: int, loss_fn=None) -> float:
+    """Mean loss per target over a tokenized data set, in eval mode (restored after): cross-entropy, or
+    `loss_fn(model, inputs)` → the batch's summed loss (DPO's). Rows go shortest first in batches of
+    `batch_size` (less padding)."""
     from tqdm.auto import tqdm
 
     was_training = model.training
@@ -104,7 +130,7 @@ def mean_loss(model: nn.Module, data: Tokenized, pad_id: int, task: str, batch_s
                           disable=len(starts) < 8):
             indices = order[start:start + batch_size]
             inputs = {k: v.to(device) for k, v in collate([data.rows[i] for i in indices], pad_id).items()}
-            total += loss_sum(model, inputs, task).item()
+            total += (loss_fn(model, inputs) if loss_fn else loss_sum(model, inputs, task)).item()
             count += sum(target_count(data.rows[i], task) for i in indices)
     finally:
         model.train(was_training)

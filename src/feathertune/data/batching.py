@@ -49,10 +49,14 @@ def collate(rows: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
 
     Returns input_ids (B, T) padded with pad_id, attention_mask (B, T) with 1 on real tokens, and
     labels: (B, T) padded with -100 (chat, text), or (B,) class ids (classification) — the key
-    Hugging Face models take for both.
+    Hugging Face models take for both. Preference pairs give 2B rows, the B preferred answers first
+    and then the B others in the same order, so that both go through the model in one forward.
     """
     if not rows:
         raise ValueError("collate() got no rows; batches must hold at least one example")
+    if "rejected_input_ids" in rows[0]:
+        rejected = [{"input_ids": row["rejected_input_ids"], "labels": row["rejected_labels"]} for row in rows]
+        return collate([{"input_ids": row["input_ids"], "labels": row["labels"]} for row in rows] + rejected, pad_id)
     longest = max(len(row["input_ids"]) for row in rows)
     input_ids = torch.full((len(rows), longest), pad_id, dtype=torch.long)  # (B, T)
     attention_mask = torch.zeros((len(rows), longest), dtype=torch.long)  # (B, T)

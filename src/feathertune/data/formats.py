@@ -6,6 +6,10 @@ A file becomes `Examples`: a list of `Example`s of one kind.
 - "text": plain text for language modelling (loss on every token): a .txt file, one example per
   paragraph, or JSONL with a text field.
 - "classification": a text and an integer label, from .tsv/.csv with a header row or from JSONL.
+- "preference": pairs for preference tuning (DPO), in the JSONL hosted fine-tuning APIs take:
+  {"input": {"messages": [...]}, "preferred_output": [assistant message],
+  "non_preferred_output": [assistant message]}; the example's `messages` are the prompt and the
+  preferred answer, its `rejected` the prompt and the other.
 
 Every problem is collected as 'path:LINE: field: what is wrong' and one DataError lists them all,
 so that one run of the validator fixes a whole file instead of one crash per training attempt.
@@ -26,12 +30,18 @@ from feathertune.errors import ConfigError, DataError
 
 ROLES = ("system", "user", "assistant", "tool")
 KINDS = {"chat": "chat", "alpaca": "chat", "prompt_completion": "chat", "references": "chat",
-         "text": "text", "classification": "classification"}
+         "preference": "preference", "text": "text", "classification": "classification"}
 FORMATS = ("auto", *KINDS)
 TABLE_DELIMITERS = {".tsv": "\t", ".csv": ","}
 # the keys by which "auto" recognises a JSONL format, tried in this order
 REQUIRED_KEYS = {"chat": ["messages"], "alpaca": ["instruction", "output"],
-                 "prompt_completion": ["prompt", "completion"], "references": ["prompt", "references"]}
+                 "prompt_completion": ["prompt", "completion"], "references": ["prompt", "references"],
+                 "preference": ["input", "preferred_output", "non_preferred_output"]}
+# "auto" reads a file as preference pairs when its first record has any of these: a first line with one
+# of them missing is then reported as a broken pair, not as a file of no known format.
+PREFERENCE_KEYS = ("preferred_output", "non_preferred_output")
+PREFERENCE_HINT = ('{"input": {"messages": [{"role": "user", "content": "..."}]}, "preferred_output": [{"role": '
+                   '"assistant", "content": "..."}], "non_preferred_output": [{"role": "assistant", "content": "..."}]}')
 TEXT_ALIAS = "sentence"  # GLUE's column name, accepted when text_field="text" is absent
 CHAT_HINT = '{"messages": [{"role": "user", "content": "..."}, {"role": "assistant", "content": "..."}]}'
 
@@ -47,11 +57,12 @@ class Example:
     text: str | None = None  # kinds "text" and "classification"
     label: int | None = None  # kind "classification": index into Examples.label_names
     references: list[str] | None = None  # format "references": every acceptable answer
+    rejected: list[dict] | None = None  # kind "preference": the prompt and the non-preferred answer
 
 
 @dataclass
 class Examples:
-    """The examples of one file, all of one `kind` ("chat", "text" or "classification")."""
+    """The examples of one file, all of one `kind` ("chat", "preference", "text" or "classification")."""
 
     kind: str
     items: list[Example]
@@ -80,7 +91,7 @@ class Examples:
                 for ex in self.items]
 
     def _require_chat(self, what: str) -> None:
-        if self.kind != "chat":
+        if self.kind not in ("chat", "preference"):
             raise DataError([f"{self.path}: {what} needs chat examples, but this file was read as "
                              f"{self.kind!r} (format {self.format!r})"], self.path)
 
@@ -91,7 +102,8 @@ def read_examples(path, format: str = "auto", *, text_field: str = "text", label
 
     Args:
         path: a .jsonl (or any JSON-lines file), .txt, .tsv or .csv file.
-        format: one of auto, chat, alpaca, prompt_completion, references, text, classification.
+        format: one of auto, chat, alpaca, prompt_completion, references, preference, text,
+            classification.
             "auto" decides by extension (.tsv/.csv: classification, .txt: text) and, for JSONL,
             by the keys of the first valid record.
         text_field, label_field: the keys (JSONL) or header columns (TSV/CSV) holding the text and
@@ -282,6 +294,8 @@ def _detect(records, extension: str, fields: Fields, problems: Problems) -> str:
         return "chat"  # an empty file: reported as such by the caller
     line, record = records[0]
     keys = set(record)
+    if keys & set(PREFERENCE_KEYS):
+        return "preference"
     for format, required in REQUIRED_KEYS.items():
         if keys >= set(required):
             return format
@@ -307,6 +321,8 @@ def _validated(line: int, record: dict, format: str, fields: Fields, problems: P
         return Example(line, text=text) if text is not None else None
     if format == "references":
         return _references_example(line, record, add)
+    if format == "preference":
+        return _preference_example(line, record, add)
     messages = {"chat": _chat_messages, "alpaca": _alpaca_messages,
                 "prompt_completion": _prompt_completion_messages}[format](record, add)
     return Example(line, messages=messages) if messages is not None else None
@@ -408,6 +424,66 @@ def _references_example(line: int, record: dict, add: Add) -> Example | None:
         return None
     messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": references[0]}]
     return Example(line, messages=messages, references=list(references))
+
+
+def _preference_example(line: int, record: dict, add: Add) -> Example | None:
+    """A prompt (input.messages, ending before the answer) and two answers to it, one assistant message each."""
+    prompt = record.get("input")
+    if "input" not in record:
+        add("input", f"missing; each line needs {PREFERENCE_HINT}")
+    elif not isinstance(prompt, dict) or "messages" not in prompt:
+        add("input", f'expected an object {{"messages": [...]}}, got {_json_type(prompt)}'
+            + (f" with keys {', '.join(prompt)}" if isinstance(prompt, dict) else ""))
+    prompt_messages = _prompt_messages(prompt["messages"], add) if isinstance(prompt, dict) and "messages" in prompt \
+        else None
+    answers = [_answer(record, key, add) for key in PREFERENCE_KEYS]
+    if prompt_messages is None or None in answers:
+        return None
+    if answers[0]["content"] == answers[1]["content"]:
+        add("non_preferred_output", "is the same text as preferred_output, so there is nothing to prefer; give "
+                                    "two different answers, or drop the example")
+        return None
+    return Example(line, messages=[*prompt_messages, answers[0]], rejected=[*prompt_messages, answers[1]])
+
+
+def _prompt_messages(messages, add: Add) -> list[dict] | None:
+    where = "input.messages"
+    if not isinstance(messages, list) or not messages:
+        add(where, f"expected a non-empty list of messages, got {_json_type(messages)}" if not isinstance(messages, list)
+            else "is empty; give the conversation the answers reply to")
+        return None
+    results = [_check_message(m, f"{where}[{i}]", add) for i, m in enumerate(messages)]
+    if not all(results):
+        return None
+    if messages[-1]["role"] == "assistant":
+        add(f"{where}[{len(messages) - 1}].role", "the conversation ends with an assistant message, but the answers "
+                                                  "(preferred_output, non_preferred_output) are what replies to it; "
+                                                  "end input.messages with the user's turn")
+        return None
+    # Earlier assistant turns are context: the preference is about the answers alone.
+    return [{**{k: v for k, v in m.items() if k != "weight"}, **({"weight": 0} if m["role"] == "assistant" else {})}
+            for m in messages]
+
+
+def _answer(record: dict, key: str, add: Add) -> dict | None:
+    """`key`'s one assistant message."""
+    if key not in record:
+        add(key, f"missing; each line needs {PREFERENCE_HINT}")
+        return None
+    answer = record[key]
+    if not isinstance(answer, list) or len(answer) != 1:
+        add(key, "expected a list holding one assistant message, "
+            + (f"got {len(answer)} messages" if isinstance(answer, list) else f"got {_json_type(answer)}"))
+        return None
+    if not _check_message(answer[0], f"{key}[0]", add):
+        return None
+    if answer[0]["role"] != "assistant":
+        add(f"{key}[0].role", f"{answer[0]['role']!r}: an answer is the assistant's; use \"assistant\"")
+        return None
+    if "weight" in answer[0]:
+        add(f"{key}[0].weight", "an answer takes no weight: the preference between the two is what is learned")
+        return None
+    return {"role": "assistant", "content": answer[0]["content"]}
 
 
 def _classification_items(records, fields: Fields, label_names, problems: Problems):

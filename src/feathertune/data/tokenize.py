@@ -7,12 +7,14 @@ prefix of the tokens of `messages[:i+1]`, and the difference is that message's s
 the end-of-turn token that closes it (which the model must learn to emit, or it never stops) and
 whatever the template writes after it (ChatML's newline, which is not learned: the span ends at the
 first end-of-turn token). Text: every token is learned. Classification: ids and an integer label.
+Preference: each pair's two conversations tokenized the same way as chat, the answer alone supervised.
 
 Labels use -100 (PyTorch's cross-entropy `ignore_index`) for tokens without loss.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -29,7 +31,9 @@ MAX_PROBLEMS = 50
 
 @dataclass
 class Tokenized:
-    """Rows ready for `collate`: {"input_ids", "labels"} (chat, text) or {"input_ids", "label"}.
+    """Rows ready for `collate`: {"input_ids", "labels"} (chat, text), {"input_ids", "label"}
+    (classification), or for preference pairs the preferred answer's {"input_ids", "labels"} and the
+    other's {"rejected_input_ids", "rejected_labels"}.
 
     `truncated` counts the examples cut to max_length (dropped ones included); `dropped` those left
     out because truncation removed every token that had a loss.
@@ -42,7 +46,7 @@ class Tokenized:
 
     @property
     def lengths(self) -> list[int]:
-        return [len(row["input_ids"]) for row in self.rows]
+        return [max(len(row["input_ids"]), len(row.get("rejected_input_ids", ()))) for row in self.rows]
 
 
 def tokenize_examples(examples: Examples, tokenizer, max_length: int) -> Tokenized:
@@ -63,17 +67,20 @@ def tokenize_examples(examples: Examples, tokenizer, max_length: int) -> Tokeniz
         raise ConfigError([f"max_length={max_length!r} must be a positive integer (tokens per example)"],
                           source="tokenize_examples")
     if examples.kind == "chat":
-        return _tokenize_chat(examples, tokenizer, max_length)
+        return _truncate(examples, *_tokenize_chat(examples, tokenizer), max_length)
+    if examples.kind == "preference":
+        return _tokenize_preference(examples, tokenizer, max_length)
     texts = [ex.text for ex in examples.items]
     if examples.kind == "text":
         return _tokenize_text(texts, tokenizer, max_length)
     if examples.kind == "classification":
         return _tokenize_classification(texts, [ex.label for ex in examples.items], tokenizer, max_length)
-    raise ConfigError([f"examples.kind={examples.kind!r} is not one of chat, text, classification"],
+    raise ConfigError([f"examples.kind={examples.kind!r} is not one of chat, preference, text, classification"],
                       source="tokenize_examples")
 
 
-def _tokenize_chat(examples: Examples, tokenizer, max_length: int) -> Tokenized:
+def _tokenize_chat(examples: Examples, tokenizer) -> tuple[list[list[int]], list[list[int]]]:
+    """Every conversation's ids and labels (the assistant's weighted turns), before truncation."""
     name = getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
     if not getattr(tokenizer, "chat_template", None):
         raise ConfigError([f"tokenizer {name!r} has no chat template, and chat data needs one; use an "
@@ -102,7 +109,29 @@ def _tokenize_chat(examples: Examples, tokenizer, max_length: int) -> Tokenized:
             problems.append(f"{examples.path}:{examples.items[k].line}: messages[{i}]: tokenizer {name!r}: {problem}")
     if problems:
         raise DataError(problems[:MAX_PROBLEMS], examples.path, total=len(problems))
-    return _truncate(examples, full, labels, max_length)
+    return full, labels
+
+
+def _tokenize_preference(examples: Examples, tokenizer, max_length: int) -> Tokenized:
+    """Both answers of each pair, tokenized as chat. A pair truncation leaves either answer with no
+    token is dropped whole: DPO compares the two."""
+    rejected = Examples("chat", [dataclasses.replace(ex, messages=ex.rejected) for ex in examples.items],
+                        examples.path, examples.format)
+    chosen_ids, chosen_labels = _tokenize_chat(examples, tokenizer)
+    rejected_ids, rejected_labels = _tokenize_chat(rejected, tokenizer)
+    rows, truncated, dropped = [], 0, 0
+    for ids, labs, other_ids, other_labs in zip(chosen_ids, chosen_labels, rejected_ids, rejected_labels):
+        if max(len(ids), len(other_ids)) > max_length:
+            truncated += 1
+            ids, labs, other_ids, other_labs = (x[:max_length] for x in (ids, labs, other_ids, other_labs))
+            if all(t == IGNORE_INDEX for t in labs) or all(t == IGNORE_INDEX for t in other_labs):
+                dropped += 1
+                continue
+        rows.append({"input_ids": ids, "labels": labs, "rejected_input_ids": other_ids, "rejected_labels": other_labs})
+    if not rows:
+        raise DataError([f"{examples.path}: every one of the {len(chosen_ids)} pairs lost an answer to truncation "
+                         f"at max_length={max_length}: raise max_length or shorten the prompts"], examples.path)
+    return Tokenized(rows, truncated, "preference", dropped)
 
 
 def _mark_turn(labels: list[int], ids: list[int], prefix, through, ends: set[int], i: int) -> str | None:
@@ -124,7 +153,7 @@ def _mark_turn(labels: list[int], ids: list[int], prefix, through, ends: set[int
     return None
 
 
-def _truncate(examples: Examples, full, labels, max_length: int) -> Tokenized:
+def _truncate(examples: Examples, full: list[list[int]], labels: list[list[int]], max_length: int) -> Tokenized:
     rows, truncated, dropped = [], 0, 0
     for ids, labs in zip(full, labels):
         if len(ids) > max_length:

@@ -39,7 +39,8 @@ OPTIMIZERS = ("adamw", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit")
 QUANTIZATIONS = ("nf4",)
 PRECISIONS = ("auto", "fp32", "bf16")
 DISTRIBUTED = ("ddp", "fsdp")
-FORMATS = ("auto", "chat", "alpaca", "prompt_completion", "references", "text", "classification")
+OBJECTIVES = ("sft", "dpo")
+FORMATS = ("auto", "chat", "alpaca", "prompt_completion", "references", "preference", "text", "classification")
 SECTIONS = ("adapter", "data", "train", "eval")
 LORA_SPELLING = "lora"  # accepted for `adapter:` when the method is LoRA (recipes and runs from before `adapter:`)
 _SECTION_KEYS = (*SECTIONS, LORA_SPELLING)
@@ -57,7 +58,7 @@ RESOLVED_BY_THE_RUN = {"task": "auto", "data.labels": None}
 class DataConfig:
     train: str = ""  # training file (JSONL, TSV/CSV or TXT)
     validation: str | None = None  # validation file; BLEU/accuracy and samples come from it
-    format: str = "auto"  # see feathertune.data: chat, alpaca, prompt_completion, references, text, classification
+    format: str = "auto"  # see feathertune.data: chat, alpaca, prompt_completion, references, preference, text, classification
     validation_format: str = "auto"
     max_length: int = 512  # tokens per example; longer ones are truncated (and counted)
     text_field: str = "text"  # for classification / text JSONL
@@ -110,6 +111,10 @@ class LoopConfig:
     checkpoint_every: int = 50  # steps between resumable checkpoints; 0: none
     keep_checkpoints: int = 2  # newest checkpoints kept on disk
     log_every: int = 1  # steps between metrics.jsonl lines
+    # sft: cross-entropy on the supervised tokens. dpo (Rafailov et al. 2023): preference pairs (data in the
+    # preference format), the reference policy being the base (the adapter disabled).
+    objective: str = "sft"
+    dpo_beta: float = 0.1  # DPO's β: how far the tuned policy may move from the reference (higher: less far)
     # LP-FT (Kumar et al. 2022): the first N steps train only the new task head (a linear probe), so that
     # the method's parameters then start from a good head instead of being pulled about by a random one.
     lp_steps: int = 0
@@ -137,6 +142,11 @@ class LoopConfig:
             found.append(f"train.schedule={self.schedule!r} is not one of {', '.join(SCHEDULES)}")
         if self.precision not in PRECISIONS:
             found.append(f"train.precision={self.precision!r} is not one of {', '.join(PRECISIONS)}")
+        if self.objective not in OBJECTIVES:
+            found.append(f"train.objective={self.objective!r} is not one of {', '.join(OBJECTIVES)} (sft: learn the "
+                         f"answers; dpo: prefer one answer of each pair over the other)")
+        if isinstance(self.dpo_beta, bool) or not isinstance(self.dpo_beta, (int, float)) or not self.dpo_beta > 0:
+            found.append(f"train.dpo_beta={self.dpo_beta!r} must be a positive number (DPO papers use 0.1 to 0.5)")
         if self.distributed not in DISTRIBUTED:
             found.append(f"train.distributed={self.distributed!r} is not one of {', '.join(DISTRIBUTED)} (ddp: "
                          f"a full copy of the model per process; fsdp: the model sharded across processes)")

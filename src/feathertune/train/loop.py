@@ -39,7 +39,7 @@ from feathertune.files import write_atomic
 from feathertune.models import load_model, save_model_directory
 from feathertune.saved_activations import lean_gated_mlp
 from feathertune import loss as objective
-from feathertune.train import distributed, fsdp, state
+from feathertune.train import distributed, dpo, fsdp, state
 from feathertune.train.config import TrainConfig, load_config, resume_changes
 from feathertune.train.metrics import MetricsLog, plot_losses
 from feathertune.train.report import final_report
@@ -128,7 +128,7 @@ def _plan(config: TrainConfig, resume: bool, procs: distributed.Processes, say) 
     """Everything that can be checked without training, then the model, its adapter and the tokens.
     A failed check leaves nothing behind: the run directory does not exist yet."""
     train_set, val_set = _read_data(config.data)
-    task = _task(config.task, train_set, val_set, config.train.lp_steps)
+    task = _task(config.task, train_set, val_set, config.train.lp_steps, config.train.objective)
     config = _resolved(config, task, train_set)
     out, loop = Path(config.output), config.train
     existing = _check_output(out, resume)
@@ -152,6 +152,7 @@ class _Training:
         self.plan, self.procs, self.say = plan, procs, say
         self.loop = loop = plan.config.train
         self.pad_id = plan.tokenizer.pad_token_id
+        self.loss_fn = _objective(loop, plan.task)
         # Before the optimizer: FSDP replaces the parameters by their shards. (DDP: the probe's steps
         # leave the rest without grads.)
         self.wrapped = _wrap(plan.model, procs, loop.distributed, find_unused=loop.lp_steps > 0)
@@ -182,7 +183,9 @@ class _Training:
 
     def validation_loss(self) -> float:
         plan = self.plan
-        return objective.mean_loss(plan.model, plan.val_tok, self.pad_id, plan.task, plan.config.eval.batch_size)
+        return objective.mean_loss(plan.model, plan.val_tok, self.pad_id, plan.task, plan.config.eval.batch_size,
+                                   (lambda model, inputs: self.loss_fn(model, inputs)[0]) if self.loop.objective == "dpo"
+                                   else None)
 
     def train(self, stop) -> dict:
         """Every remaining step; returns the training phase's time and peak memory."""
@@ -192,9 +195,9 @@ class _Training:
         memory = PeakMemory(self.procs.device)
         started = time.perf_counter()
         for step in range(self.start, plan.total_steps):
-            loss, tokens = self.step(step)
+            loss, tokens, stats = self.step(step)
             done = step + 1
-            self.log(done, loss, tokens, progress)
+            self.log(done, loss, tokens, progress, stats)
             progress.update(1)
             self.evaluate(done)
             if self.checkpoint(done, stop):
@@ -205,14 +208,16 @@ class _Training:
         progress.close()
         return {"train_seconds": round(time.perf_counter() - started, 1), "peak_memory_mib": memory.peak_mib()}
 
-    def step(self, step: int) -> tuple[float, float]:
-        """One optimizer step on the global batch of `step`; returns its loss and its tokens."""
+    def step(self, step: int) -> tuple[float, float, dict]:
+        """One optimizer step on the global batch of `step`; returns its loss, its tokens and the
+        objective's other figures (DPO's rewards), each a mean over the batch's pairs."""
         plan, procs, loop = self.plan, self.procs, self.loop
         self.probe.before_step(step)
-        loss_sum, count, tokens = _train_step(self.wrapped, plan.train_tok, self.batches.at(step), self.pad_id,
-                                              plan.task, loop, procs)
-        loss_sum, count, tokens = distributed.sum_across(procs, [loss_sum, count, tokens])
+        loss_sum, count, tokens, stats = _train_step(self.wrapped, plan.train_tok, self.batches.at(step), self.pad_id,
+                                                     self.loss_fn, loop, procs)
+        loss_sum, count, tokens, *sums = distributed.sum_across(procs, [loss_sum, count, tokens, *stats.values()])
         loss = loss_sum / max(count, 1)
+        stats = {key: value / max(count, 1) for key, value in zip(stats, sums)}
         if distributed.broadcast_flag(procs, not math.isfinite(loss)):
             kept = state.checkpoints(plan.out)
             where = f"the last good checkpoint is {kept[-1][1]}" if kept else "no checkpoint was written yet"
@@ -223,15 +228,15 @@ class _Training:
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return loss, tokens
+        return loss, tokens, stats
 
-    def log(self, done: int, loss: float, tokens: float, progress) -> None:
+    def log(self, done: int, loss: float, tokens: float, progress, stats: dict) -> None:
         """A metrics.jsonl record every log_every steps (and at the end), with the tokens since the last."""
         self.throughput.add(tokens)
         if self.metrics is None or not (done % self.loop.log_every == 0 or done == self.plan.total_steps):
             return
         count, per_second = self.throughput.take()
-        self.metrics.write({"step": done, "epoch": round(done / self.plan.steps_per_epoch, 4), "loss": loss,
+        self.metrics.write({"step": done, "epoch": round(done / self.plan.steps_per_epoch, 4), "loss": loss, **stats,
                             "lr": self.scheduler.get_last_lr()[0], "tokens": count, "tokens_per_s": per_second})
         progress.set_postfix(loss=f"{loss:.3f}", tok_s=f"{per_second:.0f}")
 
@@ -296,6 +301,14 @@ class _Training:
                             training=training)
 
 
+def _objective(loop, task: str):
+    """The training objective as `(model, inputs) -> (summed loss, {figure: sum over pairs})`."""
+    options = {"sparse_head": loop.sparse_head, "mask_free_attention": loop.mask_free_attention}
+    if loop.objective == "dpo":
+        return lambda model, inputs: dpo.dpo_loss_sum(model, inputs, loop.dpo_beta, **options)
+    return lambda model, inputs: (objective.loss_sum(model, inputs, task, **options), {})
+
+
 class _EpochBatches:
     """The global batch of each step: each epoch's order drawn once (seeded by the epoch, so a
     resumed run draws the same), the current epoch's kept."""
@@ -343,10 +356,10 @@ def _read_data(data_cfg):
     return train_set, val_set
 
 
-def _task(task: str, train_set, val_set, lp_steps: int = 0) -> str:
+def _task(task: str, train_set, val_set, lp_steps: int = 0, objective_name: str = "sft") -> str:
     """The run's task from the config and the training data; refuses data that does not fit it."""
     classifying = train_set.kind == "classification"
-    problems = []
+    problems = _objective_problems(objective_name, train_set, val_set)
     if task != "auto" and (task == "classification") != classifying:
         problems.append(f"task={task!r} does not fit the training data {train_set.path}, which holds "
                         f"{train_set.kind} examples (format {train_set.format})")
@@ -363,6 +376,22 @@ def _task(task: str, train_set, val_set, lp_steps: int = 0) -> str:
     if problems:
         raise ConfigError(problems, source="data")
     return "classification" if classifying else "causal_lm"
+
+
+def _objective_problems(objective_name: str, train_set, val_set) -> list[str]:
+    """DPO learns from preference pairs, and only from them; its validation file holds pairs too."""
+    pairs = train_set.kind == "preference"
+    if objective_name == "dpo" and not pairs:
+        return [f"train.objective=dpo learns from preference pairs, but {train_set.path} holds {train_set.kind} "
+                f"examples (format {train_set.format}); give a file of lines like {{\"input\": {{\"messages\": "
+                f"[...]}}, \"preferred_output\": [...], \"non_preferred_output\": [...]}}"]
+    if pairs and objective_name != "dpo":
+        return [f"{train_set.path} holds preference pairs, which train.objective={objective_name} does not learn "
+                f"from; set train.objective=dpo"]
+    if pairs and val_set is not None and val_set.kind != "preference":
+        return [f"the validation file {val_set.path} holds {val_set.kind} examples (format {val_set.format}), "
+                f"but DPO is validated on preference pairs like its training file {train_set.path}"]
+    return []
 
 
 def _resolved(config: TrainConfig, task: str, train_set) -> TrainConfig:
@@ -455,6 +484,10 @@ def _prepare_model(config: TrainConfig, task: str, procs: distributed.Processes,
         say(f"train.precision: auto → {resolved_precision('auto', procs.device)} on this {procs.device.type}")
     trainable, total = trainable_parameters(model)
     say(f"{config.method}: training {trainable:,} of {total:,} parameters ({100 * trainable / total:.2f}%)")
+    if config.train.objective == "dpo" and trainable > total // 4:
+        say(f"warning: DPO's reference is the base, which {config.method} keeps frozen beside the "
+            f"{trainable:,} parameters it trains: their weights are in memory twice (as with any DPO of a full "
+            f"model, which needs a reference copy); an adapter method (lora) needs no second copy")
     if trainable > total // 4:
         say(_size_warning(config, model, trainable))
     return model, tokenizer
@@ -503,17 +536,18 @@ def _tokenize(name: str, examples, tokenizer, max_length: int, say) -> Tokenized
     return tokens
 
 
-def _train_step(wrapped, data: Tokenized, batch: list[int], pad_id: int, task: str, loop, procs):
-    """Forward/backward this process's share of one global batch; returns (loss sum, count, tokens)."""
+def _train_step(wrapped, data: Tokenized, batch: list[int], pad_id: int, loss_fn, loop, procs):
+    """Forward/backward this process's share of one global batch; returns (loss sum, count, tokens,
+    the objective's other sums)."""
     share = _split(batch, procs.world)[procs.rank]
     weight = 1.0
     if not share:  # a short last batch: still take part in DDP's and FSDP's collectives, contributing 0
         share, weight = batch[:1], 0.0
     micro = [m for m in _split(share, loop.grad_accum) if m]
     # Every process counts the whole global batch's targets itself: no communication needed.
-    denominator = sum(objective.target_count(data.rows[i], task) for i in batch)
+    denominator = sum(objective.target_count(data.rows[i], data.kind) for i in batch)
     scale = weight * procs.world / max(denominator, 1)  # DDP and FSDP average gradients over processes
-    summed_loss, tokens = 0.0, 0
+    summed_loss, tokens, stats = 0.0, 0, {}
     for k, indices in enumerate(micro):
         inputs = _to(collate([data.rows[i] for i in indices], pad_id), procs.device)
         last = k == len(micro) - 1
@@ -522,12 +556,12 @@ def _train_step(wrapped, data: Tokenized, batch: list[int], pad_id: int, task: s
             contextlib.nullcontext()
         with sync:
             with _autocast(loop.precision, procs.device):
-                summed = objective.loss_sum(wrapped, inputs, task, sparse_head=loop.sparse_head,
-                                            mask_free_attention=loop.mask_free_attention)
+                summed, figures = loss_fn(wrapped, inputs)
             (summed * scale).backward()
         summed_loss += weight * summed.item()
+        stats = {key: stats.get(key, 0.0) + weight * value for key, value in figures.items()}
         tokens += int(weight * inputs["attention_mask"].sum())
-    return summed_loss, (denominator if procs.is_main else 0), tokens
+    return summed_loss, (denominator if procs.is_main else 0), tokens, stats
 
 
 def _classification_head(model: nn.Module) -> str | None:
@@ -589,18 +623,6 @@ def _split(items: list[int], parts: int) -> list[list[int]]:
         out.append(items[start:end])
         start = end
     return out
-
-
-
-
-
-
-
-
-
-
-
-
 
 
 def _schedule(name: str, warmup: int, total: int):

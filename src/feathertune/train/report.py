@@ -21,11 +21,14 @@ from feathertune.checkpoint import load_adapter
 from feathertune.data import collate
 from feathertune.files import write_atomic
 from feathertune.loss import mean_loss
+from feathertune.train import dpo
 
 
 def final_report(model, tokenizer, config, task: str, val_set, val_tok, out: Path, say, validation_loss,
                  base_eval_loss: float | None = None, training: dict | None = None) -> dict:
     """Evaluate, write eval.json and samples.md, print the summary; returns eval.json's content.
+    Preference pairs (DPO) are scored by preference accuracy: the share of pairs whose preferred answer
+    the model gives the higher log-probability.
 
     Args:
         validation_loss: () -> the validation loss of the model as it is (adapters on or off).
@@ -53,6 +56,13 @@ def final_report(model, tokenizer, config, task: str, val_set, val_tok, out: Pat
         if compare:
             with disabled(model):  # the base with its new, untrained head: chance level
                 results["base_accuracy"] = evaluate.accuracy(model, _progress(batches, "base accuracy"))
+    elif val_set.kind == "preference":  # which answer of each pair the model itself rates higher
+        device = next(model.parameters()).device
+        batches = _batches(val_tok, tokenizer.pad_token_id, config.eval.batch_size, device)
+        results["preference_accuracy"] = dpo.preference_accuracy(model, batches)
+        if compare:
+            with disabled(model):
+                results["base_preference_accuracy"] = dpo.preference_accuracy(model, batches)
     elif val_set.kind == "chat":
         rows = _score_answers(model, tokenizer, val_set, config.eval, results)
         if config.eval.samples:
@@ -91,7 +101,8 @@ def _score_answers(model, tokenizer, val_set, eval_config, results: dict) -> lis
 def summary_line(results: dict) -> str:
     """One line with every validation score, base → fine-tuned where the base was scored:
     `validation (base → fine-tuned): BLEU 13.7 → 65.4 (+51.7) · chrF … · exact match … · loss …`."""
-    shown = [("accuracy", "accuracy", "{:.1%}"), ("bleu", "BLEU", "{:.1f}"), ("chrf", "chrF", "{:.1f}"),
+    shown = [("accuracy", "accuracy", "{:.1%}"), ("preference_accuracy", "preference accuracy", "{:.1%}"),
+             ("bleu", "BLEU", "{:.1f}"), ("chrf", "chrF", "{:.1f}"),
              ("exact_match", "exact match", "{:.1%}"), ("eval_loss", "loss", "{:.3f}")]
     parts = []
     for key, label, form in shown:
