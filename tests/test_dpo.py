@@ -332,7 +332,9 @@ def test_a_dpo_run_writes_its_figures_and_raises_preference_accuracy(tiny, tmp_p
     scores = json.loads((out / "eval.json").read_text())
     assert scores["preference_accuracy"] > scores["base_preference_accuracy"]
     assert scores["preference_accuracy"] >= 0.9, scores
-    assert (out / "loss.png").read_bytes()[:4] == b"\x89PNG"
+    from matplotlib.image import imread
+
+    assert imread(out / "loss.png").shape[0] == 900  # a second panel, for the rewards (7.5 in at 120 dpi)
     assert (out / "adapter" / "adapter_model.safetensors").exists()
 
 

@@ -2,8 +2,8 @@
 
 metrics.jsonl holds one JSON object per line, appended and flushed as training goes, so that a
 killed run keeps everything up to its last write (and at worst one torn last line, which
-`read_metrics` skips). Training records carry "step" and "loss"; evaluation records carry "step"
-and "eval_loss".
+`read_metrics` skips). Training records carry "step" and "loss" (DPO's also its rewards' accuracy and
+margin, and both answers' log-probabilities); evaluation records carry "step" and "eval_loss".
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from feathertune.errors import ConfigError, DataError
 from feathertune.files import write_atomic
 
 Y_LABEL = "loss (cross-entropy per supervised token)"
+DPO_Y_LABEL = "loss (DPO, per preference pair)"
 
 
 def _json_default(value):
@@ -133,10 +134,11 @@ def plot_losses(metrics_path: str | os.PathLike, png_path: str | os.PathLike, ti
     records = read_metrics(metrics_path)
     train_steps, train_loss = _finite_points(records, "loss")
     eval_steps, eval_loss = _finite_points(records, "eval_loss")
+    preference = any("reward_accuracy" in r for r in records)  # a DPO run: its rewards get a panel of their own
 
-    figure = Figure(figsize=(8, 4.5), dpi=120, layout="constrained")
+    figure = Figure(figsize=(8, 7.5 if preference else 4.5), dpi=120, layout="constrained")
     FigureCanvasAgg(figure)
-    ax = figure.add_subplot()
+    ax = figure.add_subplot(2, 1, 1) if preference else figure.add_subplot()
     if train_loss:
         few = len(train_loss) < 3  # a line through one or two points is invisible without markers
         ax.plot(train_steps, train_loss, color="C0", linewidth=0.8, alpha=1 if few else 0.35,
@@ -154,17 +156,39 @@ def plot_losses(metrics_path: str | os.PathLike, png_path: str | os.PathLike, ti
     else:
         ax.legend(loc="upper right")
     ax.set_xlabel("step")
-    ax.set_ylabel(Y_LABEL)
+    ax.set_ylabel(DPO_Y_LABEL if preference else Y_LABEL)
     ax.set_title(title or "Training and validation loss")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     steps = set(train_steps + eval_steps)
     if len(steps) == 1:  # widen a single step, or the ticks read 0.99, 1.005, …
         ax.set_xlim(min(steps) - 1, min(steps) + 1)
     ax.grid(True, alpha=0.3)
+    if preference:
+        _plot_rewards(figure.add_subplot(2, 1, 2, sharex=ax), records)
 
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png")
     write_atomic(png_path, buffer.getvalue())
+
+
+def _plot_rewards(ax, records: list[dict]) -> None:
+    """DPO: the share of pairs whose preferred answer gets the higher implicit reward, and the mean
+    reward margin (EMA-smoothed: single batches are noisy), against step."""
+    steps, accuracy = _finite_points(records, "reward_accuracy")
+    margin_steps, margin = _finite_points(records, "reward_margin")
+    span = max(2, min(50, len(accuracy) // 20))
+    ax.plot(steps, smooth(accuracy, span) if len(accuracy) > 2 else accuracy, color="C2", linewidth=2,
+            marker="o" if len(accuracy) < 3 else None, label=f"reward accuracy (EMA, ~{span} points)")
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_ylabel("reward accuracy")
+    ax.set_xlabel("step")
+    ax.grid(True, alpha=0.3)
+    margins = ax.twinx()
+    margins.plot(margin_steps, smooth(margin, span) if len(margin) > 2 else margin, color="C3", linewidth=1.5,
+                 label="reward margin β·Δlog-ratio (EMA)")
+    margins.set_ylabel("reward margin")
+    lines = ax.get_lines() + margins.get_lines()
+    ax.legend(lines, [line.get_label() for line in lines], loc="lower right")
 
 
 def plot_interpolation(points: list[dict], png_path: str | os.PathLike, title: str = "") -> None:
