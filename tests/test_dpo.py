@@ -19,7 +19,7 @@ from feathertune.data import collate, read_examples, tokenize_examples
 from feathertune.errors import ConfigError, DataError
 from feathertune.loss import sequence_logps
 from feathertune.models import load_model
-from feathertune.train.dpo import dpo_loss_sum, dpo_losses, preference_accuracy, reference_logps
+from feathertune.train.dpo import BASE_LOSS, dpo_loss_sum, dpo_losses, reference_logps, validation_scores
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
 
@@ -338,15 +338,27 @@ def test_a_dpo_run_writes_its_figures_and_raises_preference_accuracy(tiny, tmp_p
     assert (out / "adapter" / "adapter_model.safetensors").exists()
 
 
-def test_preference_accuracy_is_the_share_of_pairs_the_model_ranks_right(tiny):
+def test_validation_scores_count_the_pairs_each_model_ranks_right_in_one_pass(tiny):
     root, _ = tiny
-    model, tokenizer = load_model(str(root / "model"))
+    model_dir = str(root / "model")
+    base, tokenizer = load_model(model_dir)
     rows = tokenize_examples(read_examples(root / "pairs.jsonl"), tokenizer, 256).rows[:6]
     batches = [collate(rows[:4], tokenizer.pad_token_id), collate(rows[4:], tokenizer.pad_token_id)]
+    model = ft.attach(load_model(model_dir)[0], ft.LoraConfig(r=4, alpha=8, target_modules="all-linear"))
     with torch.no_grad():
-        logps = [sequence_logps(model.eval(), b) for b in batches]
-    right = sum(int((lp[: len(lp) // 2] > lp[len(lp) // 2:]).sum()) for lp in logps)
-    assert preference_accuracy(model, batches) == right / 6
+        for p in (p for p in model.parameters() if p.requires_grad):
+            p.normal_(0, 0.3)
+
+    def ranked_right(m) -> int:
+        with torch.no_grad():
+            logps = [sequence_logps(m.eval(), b) for b in batches]
+        return sum(int((lp[: len(lp) // 2] > lp[len(lp) // 2:]).sum()) for lp in logps)
+
+    scores = validation_scores(model.train(), batches, beta=0.1)
+    assert model.training
+    assert scores["preference_accuracy"] == ranked_right(model) / 6
+    assert scores["base_preference_accuracy"] == ranked_right(base) / 6  # the reference's ranking is the base's
+    assert scores["base_eval_loss"] == BASE_LOSS == math.log(2) and scores["eval_loss"] != BASE_LOSS
 
 
 def test_dpo_needs_preference_data_and_preference_data_needs_dpo(tiny, tmp_path):

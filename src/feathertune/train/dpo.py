@@ -19,6 +19,8 @@ answers of every pair go through the model in one forward.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -64,19 +66,28 @@ def reference_logps(model: nn.Module, inputs: dict[str, torch.Tensor], **options
         model.train(was_training)
 
 
+BASE_LOSS = math.log(2)  # the base is the reference: every reward is 0 and every pair's loss −log σ(0)
+
+
 @torch.no_grad()
-def preference_accuracy(model: nn.Module, batches) -> float:
-    """The share of pairs to whose preferred answer the model gives the higher log-probability
-    (in eval mode; restored after). `batches`: collated preference batches (2B rows each)."""
+def validation_scores(model: nn.Module, batches, beta: float, compare_base: bool = True) -> dict[str, float]:
+    """The validation pairs' mean DPO loss and preference accuracy, and the base's, from one pass:
+    the reference's log-probabilities are the base's, so the base costs no forward of its own."""
     was_training = model.training
     model.eval()
-    right = total = 0
+    loss = right = base_right = total = 0.0
     try:
         for inputs in batches:
-            logps = sequence_logps(model, inputs)
-            pairs = logps.shape[0] // 2
-            right += int((logps[:pairs] > logps[pairs:]).sum())
+            policy, reference = sequence_logps(model, inputs), reference_logps(model, inputs)
+            pairs = policy.shape[0] // 2
+            losses, _, _ = dpo_losses(policy[:pairs], policy[pairs:], reference[:pairs], reference[pairs:], beta)
+            loss += losses.sum().item()
+            right += (policy[:pairs] > policy[pairs:]).sum().item()
+            base_right += (reference[:pairs] > reference[pairs:]).sum().item()
             total += pairs
     finally:
         model.train(was_training)
-    return right / max(total, 1)
+    scores = {"eval_loss": loss / max(total, 1), "preference_accuracy": right / max(total, 1)}
+    if compare_base:
+        scores.update(base_eval_loss=BASE_LOSS, base_preference_accuracy=base_right / max(total, 1))
+    return scores

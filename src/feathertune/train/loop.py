@@ -165,7 +165,9 @@ class _Training:
         measure_base = plan.val_tok is not None and loop.eval_every and self.start == 0 and \
             (procs.is_main or self.sharded)
         self.base_loss = None
-        if measure_base:  # the base itself: an adapter that is not zero-initialised (prompts) already differs
+        if measure_base and loop.objective == "dpo":
+            self.base_loss = dpo.BASE_LOSS  # the base is DPO's reference: log 2 exactly, no pass needed
+        elif measure_base:  # the base itself: an adapter that is not zero-initialised (prompts) already differs
             with disabled(plan.model):
                 self.base_loss = self.validation_loss()
         self.metrics = _open_run_directory(plan.out, plan.config, self.start if resume else None, procs)

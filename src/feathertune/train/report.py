@@ -43,6 +43,15 @@ def final_report(model, tokenizer, config, task: str, val_set, val_tok, out: Pat
         return results
     results["validation_examples"] = len(val_set.items)
     compare, rows = config.eval.compare_base, []
+    if val_set.kind == "preference":  # one pass gives the loss and which answer of each pair ranks higher, base too
+        device = next(model.parameters()).device
+        batches = _batches(val_tok, tokenizer.pad_token_id, config.eval.batch_size, device)
+        results.update(dpo.validation_scores(model, _progress(batches, "validation pairs"), config.train.dpo_beta,
+                                             compare))
+        _write_eval(out, results)
+        say(summary_line(results))
+        say(f"run directory: {out}  (adapter/, eval.json, loss.png, metrics.jsonl)")
+        return results
     results["eval_loss"] = validation_loss()
     if compare and base_eval_loss is not None:
         results["base_eval_loss"] = base_eval_loss
@@ -56,13 +65,6 @@ def final_report(model, tokenizer, config, task: str, val_set, val_tok, out: Pat
         if compare:
             with disabled(model):  # the base with its new, untrained head: chance level
                 results["base_accuracy"] = evaluate.accuracy(model, _progress(batches, "base accuracy"))
-    elif val_set.kind == "preference":  # which answer of each pair the model itself rates higher
-        device = next(model.parameters()).device
-        batches = _batches(val_tok, tokenizer.pad_token_id, config.eval.batch_size, device)
-        results["preference_accuracy"] = dpo.preference_accuracy(model, batches)
-        if compare:
-            with disabled(model):
-                results["base_preference_accuracy"] = dpo.preference_accuracy(model, batches)
     elif val_set.kind == "chat":
         rows = _score_answers(model, tokenizer, val_set, config.eval, results)
         if config.eval.samples:
