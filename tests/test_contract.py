@@ -444,3 +444,30 @@ def test_inspect_prints_method_mergeable_and_the_trainable_count(method, kind, t
     assert f"method:      {spec.name} ({spec.peft_type})" in shown, shown
     assert ("; mergeable" if spec.mergeable else "not mergeable") in shown, shown
     assert f"trainable:   {trainable:,} parameters" in shown, shown
+
+
+@MATRIX
+def test_dpo_step_trains_the_adapter_against_the_base_as_reference(method, kind):
+    """DPO works with every method on a causal LM: the reference log-probabilities are the base's,
+    and the step's gradients reach the adapter only."""
+    if kind not in ("llama", "gpt2"):
+        pytest.skip("DPO tunes causal language models")
+    from feathertune.loss import sequence_logps
+    from feathertune.train.dpo import dpo_loss_sum, reference_logps
+
+    ids_ = torch.randint(1, 96, (4, 10), generator=torch.Generator().manual_seed(3))  # 2 pairs: rows 0-1 vs 2-3
+    labels = ids_.clone()
+    labels[:, :5] = -100  # the prompt
+    batch = {"input_ids": ids_, "attention_mask": torch.ones_like(ids_), "labels": labels}
+    base = fresh_base(kind)
+    with torch.no_grad():
+        expected = sequence_logps(base, batch)
+    model, _, _, _ = perturbed_model(method, kind)
+    model.train()
+    assert torch.allclose(reference_logps(model, batch), expected, rtol=1e-5, atol=1e-5)
+    summed, stats = dpo_loss_sum(model, batch, beta=0.1)
+    summed.backward()
+    mine = ids(adapter_parameters(model, "default"))
+    with_grad = {id(p) for p in model.parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+    assert with_grad and with_grad <= mine and set(stats) == {"reward_accuracy", "reward_margin", "logps_chosen",
+                                                             "logps_rejected"}
