@@ -369,10 +369,13 @@ def test_dpo_needs_preference_data_and_preference_data_needs_dpo(tiny, tmp_path)
     sft = {**config["train"], "objective": "sft"}
     with pytest.raises(ConfigError, match="set train.objective=dpo"):
         ft.run(ft.TrainConfig.from_dict({**config, "train": sft, "output": str(tmp_path / "b")}))
+    mixed = {**config["data"], "train": str(root / "train.jsonl")}  # chat training data, pairs for validation
+    with pytest.raises(ConfigError, match="validation file .* holds preference pairs"):
+        ft.run(ft.TrainConfig.from_dict({**config, "data": mixed, "train": sft, "output": str(tmp_path / "d")}))
     with pytest.raises(ConfigError, match="train.dpo_beta=0"):
         ft.run(ft.TrainConfig.from_dict({**config, "train": {**config["train"], "dpo_beta": 0},
                                          "output": str(tmp_path / "c")}))
-    assert not any((tmp_path / n).exists() for n in "abc")
+    assert not any((tmp_path / n).exists() for n in "abcd")
 
 
 def test_full_fine_tuning_dpo_warns_that_the_base_is_held_twice(tiny, tmp_path):

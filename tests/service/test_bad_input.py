@@ -343,7 +343,8 @@ def test_bad_bodies_are_400(server):
         ("/fine_tuning/jobs", {**job, "hyperparameters": {"n_epochs": "many"}}, None, None),
         ("/fine_tuning/jobs", {**job, "hyperparameters": {"n_epochs": 0}}, None, None),
         ("/fine_tuning/jobs", {**job, "hyperparameters": {"epochs": 2}}, "hyperparameters", None),
-        ("/fine_tuning/jobs", {**job, "method": {"type": "dpo"}}, "method.type", None),
+        ("/fine_tuning/jobs", {**job, "method": {"type": "reinforcement"}}, "method.type", None),
+        ("/fine_tuning/jobs", {**job, "method": {"type": "dpo"}}, "training_file", "invalid_training_file"),  # chat data
         ("/fine_tuning/jobs", {**job, "method": {"type": "supervised", "supervised": "x"}}, "method.supervised", None),
         ("/fine_tuning/jobs", {**job, "method": {"type": "supervised", "hyperparameters": {"n_epochs": 3}}}, "method",
          None),  # misplaced: not silently trained with "auto"

@@ -151,7 +151,7 @@ def create_app(*, store: Store, data: DataDir, models: dict[str, str], api_keys:
     auth = [Depends(authorized)]
 
     _file_routes(app, auth, store, data, max_upload_bytes)
-    _job_routes(app, auth, store, models)
+    _job_routes(app, auth, store, data, models)
     _model_routes(app, auth, store, models, engine)
     _chat_routes(app, auth, store, data, models, engine)
 
@@ -208,7 +208,7 @@ def _file_routes(app: FastAPI, auth: list, store: Store, data: DataDir, max_uplo
                             filename=row["filename"])
 
 
-def _job_routes(app: FastAPI, auth: list, store: Store, models: dict[str, str]) -> None:
+def _job_routes(app: FastAPI, auth: list, store: Store, data: DataDir, models: dict[str, str]) -> None:
     """/v1/fine_tuning/jobs: create, list, retrieve, cancel, pause, resume, events, checkpoints."""
     @app.post("/v1/fine_tuning/jobs", dependencies=auth)
     def create_job(body: JobBody) -> dict:
@@ -216,6 +216,7 @@ def _job_routes(app: FastAPI, auth: list, store: Store, models: dict[str, str]) 
         named = {values.get("training_file"), values.get("validation_file")} - {None}
         files = {f: r for f in named if (r := store.get("files", f)) is not None}
         row = jobs.new_job_row(values, job_id=new_id("ftjob"), models=set(models), files=files)
+        jobs.check_file_kinds(row, files, lambda file: data.file(file["stored_name"]))  # dpo: pairs, and only dpo
         row = store.insert("jobs", row)
         store.add_event(row["id"], f"Created fine-tuning job: {row['id']}")
         return job_object(store.get("jobs", row["id"]))

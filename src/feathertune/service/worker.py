@@ -35,6 +35,8 @@ from feathertune.service.runner import STOPPED, SUCCEEDED, die_with_parent
 from feathertune.service.store import Store, worker_name
 
 STOP_GRACE_S = 60  # a stopping run finishes its step and writes a checkpoint; then it is killed
+# A DPO run's figures beside OpenAI's in a checkpoint's metrics and in step_metrics.csv (each event has all of them)
+PREFERENCE_COLUMNS = ["reward_accuracy", "reward_margin"]
 
 
 class Worker:
@@ -78,36 +80,45 @@ class Worker:
 
     # -- validating_files -------------------------------------------------------------------
     def _validate(self, job: dict[str, Any]) -> None:
-        self.event(job, f"Validating training file: {job['training_file']}")
-        try:
-            count = self.read_examples(job, "training_file")
-            if job["validation_file"]:
-                self.event(job, f"Validating validation file: {job['validation_file']}")
-                self.read_examples(job, "validation_file")
-        except FeathertuneError as exc:
-            param = exc.param  # type: ignore[attr-defined]
-            self._fail(job, f"invalid_{param}", str(exc), param=param)
-            return
-        method = {"type": "supervised", "supervised": {"hyperparameters": jobs.resolved_hyperparameters(job, count)}}
+        method = None
+        for param in ("training_file", "validation_file"):
+            if not job[param]:
+                continue
+            self.event(job, f"Validating {param.replace('_', ' ')}: {job[param]}")
+            try:
+                examples = self.read_examples(job, param)
+            except FeathertuneError as exc:
+                self._fail(job, f"invalid_{param}", str(exc), param=param)
+                return
+            # The whole file is read: whether it holds preference pairs is known now, not told by a line.
+            row = self.store.get("files", job[param]) or {"id": job[param], "filename": "deleted"}
+            problem = jobs.file_kind_problem(job, param, row, examples.kind == "preference",
+                                             f"it reads as {examples.kind} examples, format {examples.format}")
+            if problem:
+                self._fail(job, f"invalid_{param}", problem, param=param)
+                return
+            method = method or jobs.resolved_method(job, len(examples))  # sized by the training file
         self.event(job, "Files validated, moving job to queued state")
         self.store.update_job(job["id"], when_status=("validating_files",), when_worker=self.name,
                               status="queued", worker=None, method=method)
 
-    def read_examples(self, job: dict[str, Any], param: str) -> int:
-        """Validate a job's file with the CLI's reader; DataError names the file id and line."""
+    def read_examples(self, job: dict[str, Any], param: str):
+        """A job's file (data.Examples), validated by the CLI's reader; DataError names the file id and line."""
         from feathertune.data import read_examples
         from feathertune.errors import DataError
 
         row = self.store.get("files", job[param])
         if row is None:
-            raise _param_error(DataError([f"{job[param]}: the file was deleted"]), param)
+            raise DataError([f"{job[param]}: the file was deleted"])
         path = self.data.file(row["stored_name"])
+        data = job["options"].get("data") or {}  # read as the run will: the job's format and field names
+        fields = {key: data[key] for key in ("text_field", "label_field") if key in data}
         try:
-            return len(read_examples(path).items)
+            return read_examples(path, data.get(jobs.DATA_FORMAT[param], "auto"), **fields)
         except DataError as exc:
             # Name the file by its id, as the client knows it, never by the server's path.
             problems = [p.replace(str(path), row["id"]) for p in exc.problems]
-            raise _param_error(DataError(problems, path=f"{row['id']} ({row['filename']})"), param) from None
+            raise DataError(problems, path=f"{row['id']} ({row['filename']})") from None
 
     # -- shared by JobRun ---------------------------------------------------------------------
     def event(self, job: dict[str, Any], message: str, *, level: str = "info", type: str = "message",
@@ -120,11 +131,6 @@ class Worker:
         self.store.update_job(job["id"], when_status=("validating_files", "queued", "running"),
                               when_worker=self.name, status="failed", worker=None, requested=None,
                               error={"code": code, "message": message, "param": param}, finished_at=int(time.time()))
-
-
-def _param_error(exc: FeathertuneError, param: str) -> FeathertuneError:
-    exc.param = param  # type: ignore[attr-defined]
-    return exc
 
 
 class JobRun:
@@ -164,7 +170,7 @@ class JobRun:
         worker, job = self.worker, self.job
         train_row = self.store.get("files", job["training_file"])
         validation_row = self.store.get("files", job["validation_file"]) if job["validation_file"] else None
-        count = worker.read_examples(job, "training_file")
+        count = len(worker.read_examples(job, "training_file"))
         config, _, self.total_steps = jobs.train_config(
             job, model_source=worker.models[job["model"]], train_path=str(worker.data.file(train_row["stored_name"])),
             validation_path=str(worker.data.file(validation_row["stored_name"])) if validation_row else None,
@@ -203,6 +209,8 @@ class JobRun:
                 if "train_loss" not in record:
                     continue
                 parts = [f"training loss={record['train_loss']:.4f}"]
+                if record.get("reward_accuracy") is not None:  # DPO's: pairs whose preferred answer gained more
+                    parts.append(f"reward accuracy={record['reward_accuracy']:.2f}")
                 if record.get("valid_loss") is not None:
                     parts.append(f"validation loss={record['valid_loss']:.4f}")
                 self.worker.event(self.job, f"Step {step}/{self.total_steps}: {', '.join(parts)}",
@@ -238,7 +246,7 @@ class JobRun:
             return
         metrics = {"step": step, "train_loss": None, "train_mean_token_accuracy": None, "valid_loss": None,
                    "valid_mean_token_accuracy": None, "full_valid_loss": None, "full_valid_mean_token_accuracy": None}
-        metrics.update({k: v for k, v in steps.get(step, {}).items() if k in metrics})
+        metrics.update({k: v for k, v in steps.get(step, {}).items() if k in metrics or k in PREFERENCE_COLUMNS})
         name = jobs.fine_tuned_name(self.job, step)
         # The model first: a worker killed between the two leaves the step unlisted, and the worker
         # that resumes the job lists it (a listed step is never looked at again).
@@ -291,6 +299,8 @@ class JobRun:
         """step_metrics.csv, OpenAI's result file: one row per logged step."""
         out = io.StringIO()
         columns = ["step", "train_loss", "train_accuracy", "valid_loss", "valid_mean_token_accuracy"]
+        if any("reward_accuracy" in record for record in steps.values()):  # a DPO job: its figures too
+            columns += PREFERENCE_COLUMNS
         writer = csv.DictWriter(out, columns, extrasaction="ignore")
         writer.writeheader()
         for step in sorted(s for s in steps if s > 0):
@@ -305,8 +315,9 @@ class JobRun:
 
 
 def _steps_of(path: Path) -> dict[int, dict]:
-    """metrics.jsonl as step → {step, train_loss, valid_loss, lr, tokens}, training and evaluation
-    records of one step merged."""
+    """metrics.jsonl as step → {step, train_loss, valid_loss, lr, tokens} (and a DPO run's reward_accuracy,
+    reward_margin, logps_chosen, logps_rejected), training and evaluation records of one step merged."""
+    from feathertune.train.dpo import STATS
     from feathertune.train.metrics import read_metrics
 
     try:
@@ -321,6 +332,7 @@ def _steps_of(path: Path) -> dict[int, dict]:
         merged = steps.setdefault(step, {"step": step})
         if "loss" in record:
             merged.update(train_loss=record["loss"], lr=record.get("lr"), tokens=record.get("tokens", 0))
+            merged.update({key: record[key] for key in STATS if key in record})
         if "eval_loss" in record:
             merged["valid_loss"] = record["eval_loss"]
     return steps

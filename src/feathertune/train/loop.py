@@ -390,6 +390,9 @@ def _objective_problems(objective_name: str, train_set, val_set) -> list[str]:
     if pairs and objective_name != "dpo":
         return [f"{train_set.path} holds preference pairs, which train.objective={objective_name} does not learn "
                 f"from; set train.objective=dpo"]
+    if not pairs and val_set is not None and val_set.kind == "preference":
+        return [f"the validation file {val_set.path} holds preference pairs, but the training file {train_set.path} "
+                f"holds {train_set.kind} examples; validate on data of the training data's kind"]
     if pairs and val_set is not None and val_set.kind != "preference":
         return [f"the validation file {val_set.path} holds {val_set.kind} examples (format {val_set.format}), "
                 f"but DPO is validated on preference pairs like its training file {train_set.path}"]
