@@ -386,3 +386,19 @@ def test_full_fine_tuning_dpo_warns_that_the_base_is_held_twice(tiny, tmp_path):
                                     "train": {**config["train"], "max_steps": 2, "lr": 1e-4}})
     ft.run(cfg, log=lines.append)
     assert any("DPO's reference is the base" in line and "twice" in line for line in lines), lines
+
+
+def test_feathertune_eval_scores_preference_pairs(tiny, tmp_path):
+    """`feathertune eval` on a pairs file: preference accuracy with and without the adapter, and the
+    DPO loss against the base (log 2 for the base itself)."""
+    from feathertune.train.report import evaluate_run
+
+    root, config = tiny
+    out = tmp_path / "run"
+    cfg = write_config(root, config, "dpo-eval", train={**config["train"], "max_steps": 8, "lr": 2e-2})
+    assert cli(["train", str(cfg), f"output={out}"]) == 0
+    tuned = json.loads((out / "eval.json").read_text())
+    scores = evaluate_run(str(root / "model"), out / "adapter", data=str(root / "pairs-val.jsonl"), max_length=256)
+    assert scores["preference_accuracy"] == tuned["preference_accuracy"]
+    assert scores["base_preference_accuracy"] == tuned["base_preference_accuracy"]
+    assert scores["base_eval_loss"] == BASE_LOSS and scores["loss"] < BASE_LOSS

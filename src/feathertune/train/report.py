@@ -22,6 +22,7 @@ from feathertune.data import collate
 from feathertune.files import write_atomic
 from feathertune.loss import mean_loss
 from feathertune.train import dpo
+from feathertune.train.config import LoopConfig
 
 
 def final_report(model, tokenizer, config, task: str, val_set, val_tok, out: Path, say, validation_loss,
@@ -193,6 +194,10 @@ def evaluate_run(model_name: str, adapter: Path | None, *, data: str, data_forma
 
 
 def _scores(model, tokenizer, examples, tokens, task: str, batch_size: int, max_new_tokens: int) -> dict:
+    if examples.kind == "preference":  # which answer of each pair the model ranks higher, and the base; DPO's loss
+        batches = _batches(tokens, tokenizer.pad_token_id, batch_size, next(model.parameters()).device)
+        scores = dpo.validation_scores(model, batches, LoopConfig.dpo_beta)
+        return {"loss": scores.pop("eval_loss"), **scores}
     results = {"loss": mean_loss(model, tokens, tokenizer.pad_token_id, task, batch_size)}
     if task == "classification":
         results["accuracy"] = evaluate.accuracy(model, _batches(tokens, tokenizer.pad_token_id, batch_size))
