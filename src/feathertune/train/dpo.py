@@ -30,7 +30,6 @@ from feathertune.loss import sequence_logps
 
 STATS = ("reward_accuracy", "reward_margin", "logps_chosen", "logps_rejected")  # per pair, in metrics.jsonl
 
-
 def dpo_losses(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, reference_chosen: torch.Tensor,
                reference_rejected: torch.Tensor, beta: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Eq. 7 per pair, from (B,) answer log-probabilities; returns (losses, chosen rewards, rejected
@@ -49,8 +48,8 @@ def dpo_loss_sum(model: nn.Module, inputs: dict[str, torch.Tensor], beta: float,
     pairs = policy.shape[0] // 2
     losses, chosen, rejected = dpo_losses(policy[:pairs], policy[pairs:], reference[:pairs], reference[pairs:], beta)
     with torch.no_grad():
-        stats = {"reward_accuracy": (chosen > rejected).sum().item(), "reward_margin": (chosen - rejected).sum().item(),
-                 "logps_chosen": policy[:pairs].sum().item(), "logps_rejected": policy[pairs:].sum().item()}
+        stats = dict(zip(STATS, ((chosen > rejected).sum().item(), (chosen - rejected).sum().item(),
+                                 policy[:pairs].sum().item(), policy[pairs:].sum().item())))
     return losses.sum(), stats
 
 

@@ -49,16 +49,8 @@ def final_report(model, tokenizer, config, task: str, val_set, val_tok, out: Pat
         batches = _batches(val_tok, tokenizer.pad_token_id, config.eval.batch_size, device)
         results.update(dpo.validation_scores(model, _progress(batches, "validation pairs"), config.train.dpo_beta,
                                              compare))
-        _write_eval(out, results)
-        say(summary_line(results))
-        say(f"run directory: {out}  (adapter/, eval.json, loss.png, metrics.jsonl)")
-        return results
-    results["eval_loss"] = validation_loss()
-    if compare and base_eval_loss is not None:
-        results["base_eval_loss"] = base_eval_loss
-    elif compare:
-        with disabled(model):
-            results["base_eval_loss"] = validation_loss()
+    else:
+        results.update(_validation_losses(model, validation_loss, compare, base_eval_loss))
     if task == "classification":
         device = next(model.parameters()).device
         batches = _batches(val_tok, tokenizer.pad_token_id, config.eval.batch_size, device)
@@ -78,6 +70,17 @@ def final_report(model, tokenizer, config, task: str, val_set, val_tok, out: Pat
                         if n != "samples.md" or (out / n).exists())
     say(f"run directory: {out}  ({written})")
     return results
+
+
+def _validation_losses(model, validation_loss, compare: bool, base_eval_loss: float | None) -> dict:
+    """The tuned model's validation loss, and the base's (measured at step 0 already, or now)."""
+    losses = {"eval_loss": validation_loss()}
+    if compare and base_eval_loss is not None:
+        losses["base_eval_loss"] = base_eval_loss
+    elif compare:
+        with disabled(model):
+            losses["base_eval_loss"] = validation_loss()
+    return losses
 
 
 def answer_scores(answers: list[str], references: list[list[str]]) -> dict[str, float]:
