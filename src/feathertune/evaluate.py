@@ -1,4 +1,5 @@
-"""Evaluation: BLEU, greedy generation, token-weighted LM loss, classifier accuracy, sample files.
+"""Evaluation: BLEU, greedy generation, token-weighted LM loss, classifier accuracy, sample files, and
+forgetting (how much worse than its base a tuned model does on general text).
 
 Everything here leaves the model and tokenizer as it found them (training mode, padding side, pad
 token), so a training loop can call it between steps without side effects. Losses are computed from
@@ -9,19 +10,25 @@ batch means over-weights short batches.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import os
 import re
 import string
 import sys
 from collections.abc import Iterable, Iterator
+from pathlib import Path
 
 import torch
 from torch import nn
 
+from feathertune.adapters import STATE, disabled
+from feathertune.data import collate
 from feathertune.errors import ConfigError, DataError
+from feathertune.file_layout import peft_task_type
 from feathertune.files import write_atomic
 from feathertune.loss import IGNORE_INDEX, loss_sum
+from feathertune.wrapping import adapter_sites
 
 
 def bleu(hypotheses: list[str], references: list[list[str]]) -> float:
@@ -303,3 +310,250 @@ def write_samples(path: str | os.PathLike, rows: list[dict]) -> None:
         for key in ("base", "tuned", "reference"):
             parts.append(f"**{_SAMPLE_HEADINGS[key]}**\n\n{_fenced(_as_text(row[key]))}\n")
     write_atomic(path, "\n".join(parts))
+
+
+# --- forgetting: what tuning cost on general text ------------------------------------------------
+
+GENERAL_TEXT = Path(__file__).resolve().parents[2] / "data" / "general" / "wikitext.txt"
+
+
+def general_text(path: str | os.PathLike | None = None) -> list[str]:
+    """The general-text sample, one paragraph a line: by default data/general/wikitext.txt, 78
+    paragraphs of Wikipedia prose from WikiText-2 (CC BY-SA 3.0; see data/README.md).
+
+    Raises:
+        DataError: the file is missing or holds no text.
+    """
+    where = Path(path) if path is not None else GENERAL_TEXT
+    if not where.is_file():
+        raise DataError([f"no such file; the general-text sample is a text file of paragraphs, one a line "
+                         f"(the shipped one is {GENERAL_TEXT}, rebuilt by scripts/make_general_text.py)"],
+                        path=str(where))
+    texts = [line.strip() for line in where.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not texts:
+        raise DataError(["the file holds no text; write one paragraph a line"], path=str(where))
+    return texts
+
+
+@dataclasses.dataclass(frozen=True)
+class GeneralScore:
+    """One model on the general text, what `forgetting` compares: a causal LM's mean next-token loss,
+    or an encoder's mean-pooled final hidden states."""
+
+    measure: str  # "loss" (causal LM) or "drift" (encoder)
+    tokens: int  # loss: the tokens predicted; drift: the tokens pooled
+    loss: float | None = None  # nats per token ("loss")
+    states: torch.Tensor | None = None  # (texts, d) float64, one mean-pooled state per text ("drift")
+
+
+def general_text_loss(model: nn.Module, tokenizer, texts: list[str] | None = None, *, batch_size: int = 8,
+                      max_length: int = 256) -> tuple[float, int]:
+    """A causal LM's token-weighted mean next-token loss on plain text, and the tokens it predicted.
+
+    Each text is tokenized as the tokenizer does by default (with its BOS, if it adds one; no chat
+    template), cut to `max_length` tokens, and every token after the first is predicted: the loss of
+    `language_model_loss`, the training step's own. Works on any causal LM that takes input_ids and
+    returns logits, a PEFT PeftModel included (measure its base inside `disable_adapter()`).
+
+    Args:
+        texts: paragraphs; None: the shipped sample, `general_text()`.
+
+    Raises:
+        ConfigError: the model is not a causal LM, or texts is empty or holds a blank string.
+    """
+    if peft_task_type(model, []) != "CAUSAL_LM":
+        raise ConfigError(f"{type(model).__name__} is not a causal LM, so it has no loss on plain text; "
+                          f"use mean_pooled_states (or forgetting(), which does) for an encoder",
+                          source="general_text_loss")
+    batches = _text_batches(tokenizer, _checked_texts(texts), batch_size, max_length)
+    scored = language_model_loss(model, batches)
+    return scored["loss"], scored["tokens"]
+
+
+def mean_pooled_states(model: nn.Module, tokenizer, texts: list[str] | None = None, *, batch_size: int = 8,
+                       max_length: int = 256) -> tuple[torch.Tensor, int]:
+    """Per text, the mean over its tokens of the backbone's final hidden state, and the tokens pooled.
+
+    The whole model runs (so adapters that rewrite its inputs, prompt tuning's virtual tokens, take
+    part) and the output of its backbone (`model.base_model`, e.g. BertModel: the last layer,
+    after any ReFT edit) is read by a hook. Virtual tokens that a method puts in front of the text
+    (prompt tuning) are left out of the mean: only the text's own T positions, the last T, count.
+    A classifier's head is not part of it.
+
+    Returns:
+        (texts, d) float64 states, in the order of `texts`; the number of tokens pooled.
+
+    Raises:
+        ConfigError: the model has no backbone that returns hidden states; texts empty or blank.
+    """
+    backbone = _backbone(model)
+    rows = _text_batches(tokenizer, _checked_texts(texts), batch_size, max_length, order=True)
+    captured: list[torch.Tensor] = []
+    hook = backbone.register_forward_hook(lambda module, args, output: captured.append(output[0]))
+    states, tokens, device = {}, 0, _device_of(model)
+    try:
+        with _evaluating(model):
+            for indices, batch in rows:
+                captured.clear()
+                model(**{k: batch[k].to(device) for k in ("input_ids", "attention_mask")})
+                mask = batch["attention_mask"].to(device)  # (B, T)
+                hidden = captured[-1]  # (B, n+T, d): n virtual tokens first, if any
+                assert hidden.shape[1] >= mask.shape[1], (tuple(hidden.shape), tuple(mask.shape))
+                hidden = hidden[:, -mask.shape[1]:].double()  # (B, T, d)
+                weights = mask.unsqueeze(-1).double()  # (B, T, 1)
+                pooled = (hidden * weights).sum(1) / weights.sum(1)  # (B, d)
+                states.update(zip(indices, pooled.cpu()))
+                tokens += int(mask.sum())
+    finally:
+        hook.remove()
+    return torch.stack([states[i] for i in range(len(states))]), tokens
+
+
+def representation_drift(states: torch.Tensor, base_states: torch.Tensor) -> float:
+    """Mean over texts of 1 − cos(s, s₀), between (texts, d) pooled states of a model and of its base.
+
+    0 when the representations are unchanged; 1 when they are orthogonal on average (at most 2).
+    Scale-free, so a uniform change of norm (e.g. a scaled layer norm) counts for nothing.
+    """
+    assert states.shape == base_states.shape, (tuple(states.shape), tuple(base_states.shape))
+    cosine = torch.nn.functional.cosine_similarity(states.double(), base_states.double(), dim=-1)  # (texts,)
+    return float((1 - cosine).mean())
+
+
+def general_score(model: nn.Module, tokenizer, texts: list[str] | None = None, *, batch_size: int = 8,
+                  max_length: int = 256) -> GeneralScore:
+    """The model's GeneralScore: its loss if it is a causal LM, else its pooled states."""
+    options = {"batch_size": batch_size, "max_length": max_length}
+    if peft_task_type(model, []) == "CAUSAL_LM":
+        loss, tokens = general_text_loss(model, tokenizer, texts, **options)
+        return GeneralScore("loss", tokens, loss=loss)
+    states, tokens = mean_pooled_states(model, tokenizer, texts, **options)
+    return GeneralScore("drift", tokens, states=states)
+
+
+def forgetting(model: nn.Module, tokenizer, texts: list[str] | None = None, *,
+               base: nn.Module | GeneralScore | None = None, batch_size: int = 8, max_length: int = 256) -> dict:
+    """How much worse the model does than its base on general text it was not tuned for.
+
+    Causal LMs ("measure": "loss"): L, the token-weighted mean next-token loss on `texts`
+    (`general_text_loss`), with the adapters as they are, and L₀ the same for the base:
+
+        forgetting = L − L₀ (nats per token),   forgetting_pct = 100·(L/L₀ − 1)
+
+    Encoders with no LM head ("measure": "drift"; e.g. a BERT classifier) have no loss on text; the
+    measure is how far the representations moved: forgetting = mean over texts of 1 − cos(s, s₀) of
+    the mean-pooled final hidden states (`mean_pooled_states`), forgetting_pct = 100·forgetting.
+
+    The base is the model under `disabled()` (every adapter off, merged ones undone meanwhile), or
+    `base`. What each method changes on plain text: layer methods (LoRA, DoRA, (IA)³, bottleneck,
+    partial, full, BitFit) every position; prompt and prefix tuning and LLaMA-Adapter add their
+    learned tokens in front of each text; ReFT, given no prompt lengths, treats each whole text as
+    the prompt and edits its first and last K tokens (its `positions`), so the loss measures how
+    those edits shift the prediction of the whole paragraph.
+
+    Args:
+        texts: paragraphs; None: the shipped sample, `general_text()` (78 paragraphs of Wikipedia).
+        base: the model to compare with, required for a model with no feathertune adapters (a full
+            fine-tune saved as a model), or its GeneralScore computed once (`general_score`) to
+            compare several models against one base.
+        batch_size, max_length: texts per forward; tokens kept per text. The figures depend on
+            max_length, so compare runs measured with the same one.
+
+    Returns:
+        {"general_loss": L, "base_general_loss": L₀ (None for drift), "forgetting", "forgetting_pct",
+         "general_tokens": tokens scored, "general_texts": texts scored, "measure": "loss" | "drift"}.
+        The model is left as found (training flags, adapters, merged state).
+
+    Raises:
+        ConfigError: no adapters and no `base`; a base of the other kind (loss vs drift).
+    """
+    texts = _checked_texts(texts)
+    options = {"batch_size": batch_size, "max_length": max_length}
+    if base is None and STATE not in model.__dict__:
+        raise ConfigError(f"this {type(model).__name__} has no feathertune adapters, so there is no base inside it "
+                          f"to compare with; pass base=<the original model> (e.g. for a full fine-tune saved as "
+                          f"a model)", source="forgetting")
+    score = general_score(model, tokenizer, texts, **options)
+    if isinstance(base, GeneralScore):
+        base_score = base
+    elif base is not None:
+        base_score = general_score(base, tokenizer, texts, **options)
+    else:
+        with _as_base(model):
+            base_score = general_score(model, tokenizer, texts, **options)
+    return forgetting_figures(score, base_score, len(texts))
+
+
+def forgetting_figures(score: GeneralScore, base: GeneralScore, texts: int) -> dict:
+    """The dict `forgetting` returns, from the tuned model's and the base's scores on the same texts."""
+    if score.measure != base.measure:
+        raise ConfigError(f"the model's general-text measure is {score.measure!r} and the base's {base.measure!r}; "
+                          f"compare a causal LM with a causal LM and an encoder with an encoder", source="forgetting")
+    if score.measure == "loss":
+        return {"general_loss": score.loss, "base_general_loss": base.loss, "forgetting": score.loss - base.loss,
+                "forgetting_pct": 100 * (score.loss / base.loss - 1), "general_tokens": score.tokens,
+                "general_texts": texts, "measure": "loss"}
+    drift = representation_drift(score.states, base.states)
+    return {"general_loss": None, "base_general_loss": None, "forgetting": drift, "forgetting_pct": 100 * drift,
+            "general_tokens": score.tokens, "general_texts": texts, "measure": "drift"}
+
+
+def _checked_texts(texts: list[str] | None) -> list[str]:
+    if texts is None:
+        return general_text()
+    problems = [f"texts[{i}] is {'blank' if isinstance(t, str) else type(t).__name__}: {t!r:.40}"
+                for i, t in enumerate(texts) if not isinstance(t, str) or not t.strip()]
+    if isinstance(texts, str) or not texts:
+        problems = [f"texts={texts!r:.40}: give a non-empty list of paragraphs (or None for the shipped sample)"]
+    if problems:
+        raise ConfigError(problems, source="forgetting")
+    return list(texts)
+
+
+def _text_batches(tokenizer, texts: list[str], batch_size: int, max_length: int, *, order: bool = False) -> list:
+    """Right-padded batches of the texts, longest first (an out-of-memory shows on the first batch),
+    with labels equal to the input ids: every token after the first is predicted.
+
+    Args:
+        order: give (the texts' indices, batch) pairs, to put per-text results back in order.
+    """
+    problems = []
+    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+        problems.append(f"batch_size={batch_size!r}; use a positive integer, e.g. 8")
+    if not isinstance(max_length, int) or isinstance(max_length, bool) or max_length < 2:
+        problems.append(f"max_length={max_length!r}; use an integer ≥ 2, e.g. 256")
+    if problems:
+        raise ConfigError(problems, source="forgetting")
+    ids = tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]
+    rows = [{"input_ids": row, "labels": row} for row in ids]
+    longest_first = sorted(range(len(rows)), key=lambda i: -len(rows[i]))
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0  # masked, so any id does
+    batches = []
+    for start in range(0, len(rows), batch_size):
+        indices = longest_first[start:start + batch_size]
+        batch = collate([rows[i] for i in indices], pad_id)
+        batches.append((indices, batch) if order else batch)
+    return batches
+
+
+@contextlib.contextmanager
+def _as_base(model: nn.Module) -> Iterator[None]:
+    """`disabled(model)`, unless every adapter is off already (inside the caller's own `disabled`
+    block): its exit turns every site back on, so a nested one would end the caller's block early."""
+    if all(site.disabled for _, site in adapter_sites(model)):
+        yield
+    else:
+        with disabled(model):
+            yield
+
+
+def _backbone(model: nn.Module) -> nn.Module:
+    """The module whose output's first element is the final hidden states (B, T, d): a transformers
+    model's `base_model` (under a PEFT PeftModel too)."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    backbone = getattr(inner, "base_model", None)
+    if not isinstance(backbone, nn.Module):
+        raise ConfigError(f"{type(model).__name__} is neither a causal LM nor a transformers model with a "
+                          f"backbone (model.base_model), so it has no general-text measure",
+                          source="forgetting")
+    return backbone

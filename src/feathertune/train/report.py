@@ -19,6 +19,7 @@ from feathertune import evaluate
 from feathertune.adapters import disabled
 from feathertune.checkpoint import load_adapter
 from feathertune.data import collate
+from feathertune.errors import ConfigError
 from feathertune.files import write_atomic
 from feathertune.loss import mean_loss
 from feathertune.train import dpo
@@ -160,7 +161,8 @@ def _batches(data, pad_id: int, batch_size: int, device: torch.device | str = "c
 
 def evaluate_run(model_name: str, adapter: Path | None, *, data: str, data_format: str = "auto",
                  max_length: int = 512, label_names: list[str] | None = None, quantize: str | None = None,
-                 batch_size: int = 16, max_new_tokens: int = 64, alphas: list[float] | None = None) -> dict:
+                 batch_size: int = 16, max_new_tokens: int = 64, alphas: list[float] | None = None,
+                 forgetting: bool = False, general: str | None = None) -> dict:
     """`feathertune eval`: the loss, and accuracy (classification) or BLEU, chrF and exact match
     (chat), of a base model with or without an adapter on a data file.
 
@@ -169,10 +171,24 @@ def evaluate_run(model_name: str, adapter: Path | None, *, data: str, data_forma
             out, the data file's labels, sorted.
         alphas: WiSE-FT: score the interpolation (1 − α)·base + α·fine-tune for each α instead
             (results["interpolation"], one entry per α).
+        forgetting: also measure forgetting on general text (`evaluate.forgetting`): results["forgetting"],
+            or each α's entry["forgetting"] against the α = 0 model (the base, scored once).
+        general: the general-text file (one paragraph a line; implies `forgetting`); None: the shipped
+            WikiText sample.
+
+    Raises:
+        ConfigError: forgetting asked of a base model alone (no adapter: nothing to compare).
     """
     from feathertune.data import read_examples, tokenize_examples
     from feathertune.models import load_model
 
+    texts = None
+    if forgetting or general is not None:
+        if adapter is None:
+            raise ConfigError(f"forgetting compares a fine-tune with its base, and {model_name} is a base model "
+                              f"alone; give a run or adapter directory (a full fine-tune's run holds one too)",
+                              source="eval")
+        texts = evaluate.general_text(general)  # before loading anything: a missing file fails at once
     examples = read_examples(data, data_format, label_names=label_names)
     task = "classification" if examples.kind == "classification" else "causal_lm"
     model, tokenizer = load_model(model_name, task=task, label_names=examples.label_names, quantize=quantize)
@@ -186,13 +202,23 @@ def evaluate_run(model_name: str, adapter: Path | None, *, data: str, data_forma
         return _scores(scored, tokenizer, examples, tokens, task, batch_size, max_new_tokens)
 
     if alphas is None:
-        return {**results, **score(model)}
+        results.update(score(model))
+        if texts is not None:
+            results["forgetting"] = evaluate.forgetting(model, tokenizer, texts, batch_size=batch_size)
+        return results
     from feathertune.interpolation import interpolate
 
+    base = None
+    if texts is not None:  # every α is compared with the α = 0 model, the base: scored once
+        base = evaluate.general_score(interpolate(model, 0.0), tokenizer, texts, batch_size=batch_size)
     results["interpolation"] = []
     for alpha in alphas:
         print(f"α = {alpha:g}: interpolating and scoring …", file=sys.stderr)
-        results["interpolation"].append({"alpha": alpha, **score(interpolate(model, alpha))})
+        mixed = interpolate(model, alpha)
+        entry = {"alpha": alpha, **score(mixed)}
+        if base is not None:
+            entry["forgetting"] = evaluate.forgetting(mixed, tokenizer, texts, base=base, batch_size=batch_size)
+        results["interpolation"].append(entry)
     return results
 
 
