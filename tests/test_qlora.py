@@ -186,3 +186,24 @@ def test_a_qlora_run_reports_memory_and_merges_both_ways(tmp_path, capsys):
     ids = torch.tensor([[5, 9, 14, 20, 31]])
     with torch.no_grad():
         assert (exact(ids).logits - full(ids).logits).abs().max() <= 1e-4
+
+
+def test_a_qlora_classifier_evaluates_as_trained(tmp_path, capsys):
+    """A QLoRA classifier's head trains in full precision and is saved so; `feathertune eval` loads the
+    base quantized again and must leave the head unquantized too, or the saved head would not fit."""
+    import json
+
+    from runs import sst2_slice, write_config
+    from test_cli_runs import classification_config
+
+    from feathertune.cli import main as cli
+
+    sst2_slice(tmp_path)
+    config = {**classification_config(tmp_path), "method": "qlora"}
+    out = tmp_path / "run"
+    assert cli(["train", str(write_config(tmp_path, config, "qlora-cls", output=str(out)))]) == 0
+    trained = json.loads((out / "eval.json").read_text())
+    capsys.readouterr()
+    assert cli(["eval", str(out)]) == 0
+    scored = json.loads(capsys.readouterr().out)
+    assert scored["accuracy"] == trained["accuracy"]

@@ -139,7 +139,11 @@ def load_model(name: str, *, task: str = "causal_lm", num_labels: int | None = N
     if quantize is not None:
         from feathertune.quant import quantize as quantize_model
 
-        quantize_model(model, quantize, compute_dtype=dtype)
+        # A classification head stays in full precision, as training keeps it (a new head trains in full
+        # and is saved with the adapter): quantized, a QLoRA classifier's saved head would not load back.
+        heads = [n for n in ("classifier", "score") if task == "classification" and
+                 isinstance(getattr(model, n, None), torch.nn.Module)]
+        quantize_model(model, quantize, compute_dtype=dtype, skip_modules=heads or None)
     return model.eval(), tokenizer
 
 
