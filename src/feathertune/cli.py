@@ -20,6 +20,7 @@ if TYPE_CHECKING:
     from feathertune.train.config import TrainConfig
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
+ROOT_RESULTS = Path(__file__).resolve().parents[2] / "bench" / "results"
 EPILOG = "Run `feathertune COMMAND --help` for a command's options. Docs: README.md."
 
 
@@ -70,6 +71,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--alpha", type=_alphas, metavar="A,B,…",
                    help="WiSE-FT: score (1 − α)·base + α·fine-tuned for each α (e.g. 0,0.25,0.5,0.75,1) and "
                         "plot the curve into the run directory")
+    p.add_argument("--forgetting", action="store_true",
+                   help="also measure forgetting: the rise of the loss on general text (WikiText, Wikipedia "
+                        "prose) over the base's; for an encoder, how far its representations of it moved")
+    p.add_argument("--general", metavar="FILE",
+                   help="the general text for --forgetting, one paragraph a line (implies --forgetting; "
+                        "default: data/general/wikitext.txt)")
     p.set_defaults(handler=_eval)
 
     p = sub.add_parser("generate", help="answer prompts with the base model or an adapter")
@@ -136,7 +143,8 @@ def _parser() -> argparse.ArgumentParser:
                         "is taken over by another worker; on the same machine a dead worker is seen at once")
     p.set_defaults(handler=_serve)
 
-    p = sub.add_parser("bench", help="measure: `bench speed` trains LoRA against the PEFT reference in one run")
+    p = sub.add_parser("bench", help="measure: `bench speed` (LoRA's speed against PEFT's), `bench quality` "
+                                     "(every method's score, size, time, memory and forgetting)")
     bench = p.add_subparsers(dest="bench", metavar="WHAT", required=True)
     p = bench.add_parser("speed", help="LoRA training throughput and peak memory: feathertune vs PEFT + AdamW",
                          description="Train LoRA (r=16, all linear layers) with feathertune, with PEFT's "
@@ -152,6 +160,24 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--sweep", action="store_true", help="PEFT vs feathertune at 128-1024 tokens per row (batch 4) "
                                                         "and batch 1-8 (256 tokens), --steps measured steps each")
     p.set_defaults(handler=_bench_speed)
+    p = bench.add_parser("quality", help="every method on SST-2 (MiniLM) and E2E (SmolLM2): score, parameters, "
+                                         "file size, time, memory, forgetting; WiSE-FT curves",
+                         description="Train every method on the same budget, each in a process of its own (PEFT's "
+                                     "LoRA too, as the reference row), score it, measure its forgetting on general "
+                                     "text, sweep WiSE-FT for the full fine-tune and LoRA, and write quality.md and "
+                                     "its plots. Finished rows are kept: an interrupted bench resumes. About 3 hours "
+                                     "on 2 CPU cores; --quick: about half an hour.")
+    p.add_argument("--quick", action="store_true", help="a reduced run (few steps and examples) that shows every "
+                                                        "method trains; writes quality-quick.md")
+    p.add_argument("--data", help="your own training file instead of SST-2 / E2E (labelled sentences or chat JSONL)")
+    p.add_argument("--validation", help="the file to score on (with --data)")
+    p.add_argument("--out", default=str(ROOT_RESULTS), help=f"where quality.md and the plots go (default: {ROOT_RESULTS})")
+    p.add_argument("--work", help="where the runs' directories go (default: OUT/quality/<full|quick>/runs)")
+    p.add_argument("--only", type=lambda text: [n for n in text.split(",") if n],
+                   metavar="ROW,…", help="run only these rows (lora, generation:lora, or a suite); the report "
+                                         "shows every row with figures")
+    p.add_argument("--fresh", action="store_true", help="run every chosen row again, even those already measured")
+    p.set_defaults(handler=_bench_quality)
     return parser
 
 
@@ -321,7 +347,8 @@ def _eval(args) -> int:
                           f"give a run or adapter directory", source="eval")
     quantize = None if args.alpha is not None else target.quantize  # weights interpolate in full precision
     results = evaluate_run(target.model, target.adapter, data=data, quantize=quantize,
-                           label_names=target.labels, alphas=args.alpha, **options)
+                           label_names=target.labels, alphas=args.alpha, forgetting=args.forgetting,
+                           general=args.general, **options)
     print(json.dumps(results, indent=2))
     if args.alpha is not None:
         from feathertune.train.metrics import plot_interpolation
@@ -423,6 +450,20 @@ def _bench_speed(args) -> int:
         run_sweep(args.model, args.steps, args.data, args.out)
     else:
         run_speed(args.model, args.steps, args.batch, args.data, args.out)
+    return 0
+
+
+def _bench_quality(args) -> int:
+    from feathertune.quality import run_quality
+
+    if args.data and not Path(args.data).is_file():
+        raise ConfigError(f"--data {args.data}: no such file", source="bench quality")
+    if args.validation and not Path(args.validation).is_file():
+        raise ConfigError(f"--validation {args.validation}: no such file", source="bench quality")
+    flags = [f for f, on in (("--quick", args.quick), (f"--data {args.data}", args.data),
+                             (f"--validation {args.validation}", args.validation)) if on]
+    run_quality(quick=args.quick, data=args.data, validation=args.validation, out=args.out, work=args.work,
+                only=args.only, fresh=args.fresh, command=" ".join(["feathertune bench quality", *flags]))
     return 0
 
 

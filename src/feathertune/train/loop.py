@@ -208,7 +208,8 @@ class _Training:
                     self.metrics.close()
                 raise RunStopped(done, plan.out / "checkpoints" / f"step-{done:06d}")
         progress.close()
-        return {"train_seconds": round(time.perf_counter() - started, 1), "peak_memory_mib": memory.peak_mib()}
+        return {"train_seconds": round(time.perf_counter() - started, 1), "peak_memory_mib": memory.peak_mib(),
+                "trainable_parameters": trainable_parameters(plan.model)[0]}
 
     def step(self, step: int) -> tuple[float, float, dict]:
         """One optimizer step on the global batch of `step`; returns its loss, its tokens and the
